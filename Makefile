@@ -1,0 +1,30 @@
+# hallkiosk: the two commands a fresh Debian machine needs are `make demo` and `make test`.
+PY      := .venv/bin/python
+PYTEST  := .venv/bin/pytest
+
+.PHONY: all setup demo test test-fast bench lint clean help
+
+help:
+	@echo "make demo   - run one emulated kiosk against a real local broker (sets up .venv)"
+	@echo "make test   - the test suite: protocol, device, broker integration, end to end"
+	@echo "make bench  - benchmarks: tap-to-ticket latency, idle RSS/CPU, start-to-ready"
+	@echo "make clean  - remove .venv and generated output"
+
+setup:
+	@scripts/bootstrap.sh test
+
+demo: setup
+	$(PY) -m hallkiosk.cli demo --out demo-out
+
+test: setup
+	$(PYTEST) -q -p no:cacheprovider
+
+test-fast: setup
+	$(PYTEST) -q -p no:cacheprovider -m "not e2e"
+
+bench: setup
+	$(PY) -m hallkiosk.cli bench --out bench-out
+
+clean:
+	rm -rf .venv demo-out bench-out .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
