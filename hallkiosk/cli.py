@@ -1,8 +1,101 @@
-"""The `hallkiosk` console command (subcommands filled in by each package)."""
-import argparse, sys
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="hallkiosk")
-    p.parse_args(argv)
+"""The `hallkiosk` console command.
+
+Each subcommand imports what it needs only when chosen, so `hallkiosk agent` on a kiosk
+never loads the emulator, Pillow or rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hallkiosk import __version__
+from hallkiosk.errors import HallkioskError
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from edge.agent import Agent
+    from edge.config import load_config
+    from edge.logs import setup_logging
+
+    setup_logging(args.log_level)
+    cfg = load_config(args.config)
+    Agent(cfg).run(install_signals=True)
     return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from edge.config import load_config
+
+    cfg = load_config(args.config)
+    print(f"{args.config}: OK (device {cfg.kiosk.device_id}, hall {cfg.kiosk.hall}, "
+          f"board {cfg.board.model}, {len(cfg.services)} services, digest {cfg.digest[:12]})")
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from edge.logs import setup_logging
+    from ops.ledger_main import run_ledger
+
+    setup_logging(args.log_level)
+    return run_ledger(args.config)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from emulator.demo import run_demo
+
+    return run_demo(Path(args.out), citizens=args.citizens)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from emulator.bench import run_bench
+
+    return run_bench(Path(args.out), tickets=args.tickets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hallkiosk", description="Edge agent for self-service kiosks "
+                                "in government service halls, and the tools around it.")
+    p.add_argument("--version", action="version", version=f"hallkiosk {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("agent", help="run the kiosk agent (what systemd starts on the kiosk)")
+    a.add_argument("--config", type=Path, default=Path("/etc/hallkiosk/agent.toml"))
+    a.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    a.set_defaults(func=_agent)
+
+    c = sub.add_parser("check-config", help="validate an agent config file and exit")
+    c.add_argument("--config", type=Path, default=Path("/etc/hallkiosk/agent.toml"))
+    c.set_defaults(func=_check_config)
+
+    lg = sub.add_parser("ledger", help="run the hall's ticket consumer (verify, store, acknowledge)")
+    lg.add_argument("--config", type=Path, required=True)
+    lg.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    lg.set_defaults(func=_ledger)
+
+    d = sub.add_parser("demo", help="one emulated kiosk, a real local broker, a stream of citizens")
+    d.add_argument("--out", default="demo-out", help="where the rendered tickets are left")
+    d.add_argument("--citizens", type=int, default=8)
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("bench", help="tap-to-ticket latency, idle RSS/CPU, start-to-ready")
+    b.add_argument("--out", default="bench-out")
+    b.add_argument("--tickets", type=int, default=200)
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HallkioskError as exc:
+        print(f"hallkiosk {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
 if __name__ == "__main__":
     sys.exit(main())

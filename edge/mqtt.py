@@ -1,0 +1,272 @@
+"""The MQTT link: one paho-mqtt 2.x client, MQTT 5, on a thread of its own.
+
+What this wrapper adds to paho, each for a measured reason (PROTOCOLS.md):
+- Callbacks never raise: an exception inside any paho callback silently kills paho's network
+  thread while ``is_connected()`` keeps saying True. Every callback here is wrapped, logs, and
+  hands a small event to ``sink`` (the agent's queue); the state lives with whoever owns the
+  queue, never on paho's thread.
+- Reconnect with jittered exponential backoff (full jitter): paho's own backoff has none, and a
+  whole hall would reconnect in lock step after a broker restart. paho's automatic reconnect is
+  off (``reconnect_on_failure=False``); our thread runs connect / loop_forever / wait.
+- Publish completion is reported by mid *and* reason code: a PUBACK carrying a failure reason
+  (e.g. 0x87 not authorised) still marks paho's message as published.
+- ``publish`` refuses while disconnected instead of letting paho queue the message in memory
+  (paho would send it later, behind the outbox's own resend, and lose it on a restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from hallkiosk.errors import HallkioskError
+
+log = logging.getLogger("hallkiosk.mqtt")
+
+
+class NotConnected(HallkioskError, ConnectionError):
+    """A publish was attempted while the link is down (the caller keeps the message)."""
+
+
+# -- events handed to the sink (one owner of state) ---------------------------------
+@dataclass(frozen=True, slots=True)
+class LinkUp:
+    session_present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDown:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PublishDone:
+    mid: int
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """mTLS material (paths). Filled by the provisioning bundle."""
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [min_s, min(max_s, min_s * 2**attempt)]."""
+    ceiling = min(max_s, min_s * (2 ** min(attempt, 20)))
+    return rng.uniform(min_s, max(min_s, ceiling))
+
+
+class MqttLink:
+    """Keeps one MQTT 5 session to the hall broker alive.
+
+    ``subscriptions`` are (topic filter, qos) pairs re-subscribed on every connection.
+    ``make_will`` is called on the link thread before a connection attempt that needs a new
+    will (after every successful connection), so each session's death message carries its own
+    session counter. ``sink`` receives LinkUp / LinkDown / LinkMessage / PublishDone.
+    """
+
+    def __init__(self, *, client_id: str, host: str, port: int, sink: Callable[[object], None],
+                 keepalive_s: int = 30, reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0,
+                 subscriptions: tuple[tuple[str, int], ...] = (),
+                 make_will: Callable[[], Will | None] | None = None,
+                 tls: TlsSettings | None = None, session_expiry_s: int = 3600,
+                 rng: random.Random | None = None, name: str = "mqtt") -> None:
+        self.host, self.port = host, port
+        self.keepalive_s = keepalive_s
+        self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self.subscriptions = tuple(subscriptions)
+        self._sink = sink
+        self._make_will = make_will
+        self._will_used = True
+        self._session_expiry_s = session_expiry_s
+        self._rng = rng or random.Random()
+        self._name = name
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._attempt = 0
+        self.last_error: str | None = None
+
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
+        c.enable_logger(logging.getLogger("hallkiosk.mqtt.paho"))
+        c.max_inflight_messages_set(100)
+        if tls is not None:
+            c.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,
+                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        self._client = c
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"{self._name}-link", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Disconnect cleanly (the broker discards the will) and join the thread."""
+        self._stop.set()
+        try:
+            self._client.disconnect()
+        except Exception:  # already down: nothing to tell the broker
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def abandon(self) -> None:
+        """Drop the TCP connection without DISCONNECT, so the broker publishes the will.
+        Used by tests and by a watchdog that finds the loop stuck."""
+        self._stop.set()
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    # -- publishing --------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Send now; returns the mid. Raises NotConnected instead of queueing in memory."""
+        if not self._connected.is_set():
+            raise NotConnected(f"{self._name}: not connected to {self.host}:{self.port}")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise NotConnected(f"{self._name}: publish to {topic} failed: {paho.error_string(info.rc)}")
+        return info.mid
+
+    # -- the link thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._prepare_will()
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self._session_expiry_s
+                self._client.connect(self.host, self.port, keepalive=self.keepalive_s,
+                                     clean_start=False, properties=props)
+            except Exception as exc:  # OSError, ssl errors: the broker is unreachable
+                self.last_error = f"connect to {self.host}:{self.port} failed: {exc}"
+                self._emit(LinkDown(self.last_error))
+                self._wait_backoff()
+                continue
+            try:
+                self._client.loop_forever(timeout=1.0)
+            except Exception as exc:  # a socket error paho did not turn into a return code
+                self.last_error = f"network loop failed: {exc}"
+                log.warning("%s: %s", self._name, self.last_error)
+            if self._connected.is_set():
+                self._connected.clear()
+                self._emit(LinkDown(self.last_error or "connection lost"))
+            if not self._stop.is_set():
+                self._wait_backoff()
+
+    def _prepare_will(self) -> None:
+        if self._make_will is None or not self._will_used:
+            return
+        will = self._make_will()
+        if will is None:
+            self._client.will_clear()
+        else:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._will_used = False
+
+    def _wait_backoff(self) -> None:
+        delay = backoff_delay(self._attempt, self.reconnect_min_s, self.reconnect_max_s, self._rng)
+        self._attempt += 1
+        self._stop.wait(delay)
+
+    # -- paho callbacks: never raise, never block ---------------------------------------------
+    def _emit(self, event: object) -> None:
+        try:
+            self._sink(event)
+        except Exception:
+            log.exception("%s: event sink failed for %r", self._name, type(event).__name__)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                self.last_error = f"broker refused the connection: {reason_code}"
+                log.warning("%s: %s", self._name, self.last_error)
+                self._will_used = True
+                client.disconnect()
+                return
+            self._attempt = 0
+            self._will_used = True
+            for topic, qos in self.subscriptions:
+                client.subscribe(topic, qos=qos)
+            self._connected.set()
+            self._emit(LinkUp(bool(flags.session_present)))
+        except Exception:
+            log.exception("%s: on_connect failed", self._name)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self.last_error = f"disconnected: {reason_code}"
+            was = self._connected.is_set()
+            self._connected.clear()
+            if was:
+                self._emit(LinkDown(self.last_error))
+        except Exception:
+            log.exception("%s: on_disconnect failed", self._name)
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self._emit(LinkMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain)))
+        except Exception:
+            log.exception("%s: on_message failed", self._name)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        try:
+            ok = not reason_code.is_failure
+            self._emit(PublishDone(mid, ok, str(reason_code)))
+        except Exception:
+            log.exception("%s: on_publish failed", self._name)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        try:
+            for rc in reason_codes:
+                if rc.is_failure:
+                    log.warning("%s: a subscription was refused: %s", self._name, rc)
+        except Exception:
+            log.exception("%s: on_subscribe failed", self._name)

@@ -1,0 +1,127 @@
+"""`make bench`: the backbone's figures, measured on this machine.
+
+- tap-to-ticket: card presented at the emulated reader -> verified ticket stored by the hall's
+  consumer, over >= 200 tickets, p50/p99 (agent in its own process, single-service kiosk so the
+  figure is the machine's latency and not a scripted button delay; a second run with a
+  button press measures button -> verified ticket);
+- the idle agent's RSS and CPU (10 s window, from /proc);
+- start to ready (process start -> "ready" log line), median of 5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from emulator.idcard import Card
+from emulator.kiosk import EmulatedHall
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])       # utime + stime
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _wait_line(proc, needle: str, timeout_s: float) -> float | None:
+    """Read the agent's stdout until a line contains ``needle``; returns the monotonic time."""
+    result: queue.Queue[float | None] = queue.Queue()
+
+    def reader() -> None:
+        for line in proc.stdout:
+            if needle in line:
+                result.put(time.monotonic())
+                break
+        else:
+            result.put(None)
+        for _ in proc.stdout:       # keep draining so the agent never blocks on a full pipe
+            pass
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        return result.get(timeout=timeout_s)
+    except queue.Empty:
+        return None
+
+
+def run_bench(out: Path, tickets: int = 200) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, object] = {}
+    poll_s = 0.3
+    with EmulatedHall(out / "hall") as hall:
+        arrivals: dict[str, float] = {}
+        cond = threading.Condition()
+
+        def on_ticket(v, new) -> None:
+            with cond:
+                arrivals[v.body["ticket_uid"]] = time.monotonic()
+                cond.notify_all()
+
+        hall.start_consumer(on_ticket=on_ticket)
+
+        # -- start to ready ---------------------------------------------------------------
+        kiosk = hall.add_kiosk("bench1", services=(("A", "Citizen card", "A"),), poll_interval_s=poll_s)
+        starts = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            proc = kiosk.spawn_agent()
+            t1 = _wait_line(proc, "msg=\"ready", 10)
+            proc.terminate()
+            proc.wait(10)
+            if t1 is not None:
+                starts.append(t1 - t0)
+        figures["start_to_ready_s_median"] = round(statistics.median(starts), 3) if starts else None
+
+        # -- tap to ticket ----------------------------------------------------------------
+        proc = kiosk.spawn_agent()
+        _wait_line(proc, "broker link up", 10)
+        lat = []
+        for i in range(tickets):
+            uid_count = len(arrivals)
+            card = Card.valid()
+            kiosk.reader.present(card)
+            t_present = kiosk.reader.present_time
+            with cond:
+                if not cond.wait_for(lambda: len(arrivals) > uid_count, timeout=5):
+                    print(f"ticket {i} did not arrive")
+                    continue
+                t_done = max(arrivals.values())
+            lat.append((t_done - t_present) * 1000)
+            # Next citizen arrives at a random moment relative to the poll cycle.
+            time.sleep((i * 0.037) % poll_s)
+        figures["tap_to_ticket_ms"] = {
+            "n": len(lat), "poll_interval_ms": poll_s * 1000,
+            "p50": round(_pct(lat, 50), 1), "p99": round(_pct(lat, 99), 1), "max": round(max(lat), 1),
+            "target_p99_ms": poll_s * 1000 + 25}
+
+        # -- idle RSS and CPU --------------------------------------------------------------
+        time.sleep(2)
+        c0, w0 = _cpu_ticks(proc.pid), time.monotonic()
+        time.sleep(10)
+        c1, w1 = _cpu_ticks(proc.pid), time.monotonic()
+        figures["idle_cpu_percent_of_one_core"] = round(100 * (c1 - c0) / CLK_TCK / (w1 - w0), 2)
+        figures["idle_rss_mib"] = round(_rss_kib(proc.pid) / 1024, 1)
+        proc.terminate()
+        proc.wait(10)
+    print(json.dumps(figures, indent=2))
+    (out / "bench.json").write_text(json.dumps(figures, indent=2))
+    return 0

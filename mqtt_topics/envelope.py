@@ -1,0 +1,535 @@
+"""The signed envelope every MQTT payload of the hall travels in (contract version 1).
+
+Payload: one JSON object with exactly ``v, type, sender, boot, seq, ts_ms, kid, body, sig``.
+``sig`` is an Ed25519 signature over::
+
+    b"hallkiosk/1\\n" + topic (UTF-8) + b"\\n" + canonical JSON of the envelope without "sig"
+
+so an envelope copied to another topic no longer verifies. Canonical JSON: keys sorted by
+code point at every level, separators "," and ":", no whitespace, UTF-8 (no \\u escapes
+except the control characters JSON requires), no floats, integers within +-(2**53-1),
+at most MAX_DEPTH levels of nesting. Receivers re-serialize what they parsed; a payload
+need not itself be canonical (Signer's payloads are).
+
+Wiring: the agent holds one Signer (its device key, a boot id drawn at start, a durable
+sequence reservation); every receiver holds a Keyring (later filled from X.509 certificates)
+and one SequenceTracker per subscription it cares about. See docs/mqtt-contract.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from edge.clock import SYSTEM_CLOCK, Clock
+from hallkiosk.errors import ContractError, ReplayError, SignatureError
+
+from .schemas import (
+    FREE_KEY_RE,
+    MAX_PAYLOAD,
+    MAX_SAFE_INT,
+    MESSAGE_TYPES,
+    TICKET_UID_RE,
+    validate_body,
+)
+from .topics import KIOSK_KINDS, MESSAGE_TYPE_FOR_KIND, TopicParts, parse_topic, validate_id
+
+#: Domain separation: these bytes can never be mistaken for another protocol's signed data.
+SIGNING_PREFIX: Final = b"hallkiosk/1\n"
+ENVELOPE_VERSION: Final = 1
+ENVELOPE_FIELDS: Final = ("v", "type", "sender", "boot", "seq", "ts_ms", "kid", "body", "sig")
+#: Deepest nesting of arrays/objects accepted anywhere (envelope = level 1).
+MAX_DEPTH: Final = 8
+
+_BOOT_RE: Final = re.compile(r"[0-9a-f]{32}")
+_KID_RE: Final = re.compile(r"[0-9a-f]{16}")
+# 64 bytes in base64url without padding: 86 characters (the last one carries 2 spare bits).
+_SIG_RE: Final = re.compile(r"[A-Za-z0-9_-]{86}")
+_SURROGATE_RE: Final = re.compile(r"[\ud800-\udfff]")
+
+
+# -- canonical form -------------------------------------------------------------------
+def _where(path: str, key: str) -> str:
+    if FREE_KEY_RE.fullmatch(key):
+        return f"{path}.{key}"
+    shown = ascii(key)
+    return f"{path}[{shown if len(shown) <= 40 else shown[:37] + '...'}]"
+
+
+def _check_json(value: Any, path: str, depth: int) -> None:
+    """Raise ContractError unless ``value`` is in the contract's JSON data model."""
+    kind = type(value)
+    if value is None or kind is bool:
+        return
+    if kind is int:
+        if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            raise ContractError(f"{path}: integer outside +-(2**53-1)")
+    elif kind is str:
+        if _SURROGATE_RE.search(value):
+            raise ContractError(f"{path}: string holds a lone surrogate (not valid Unicode)")
+    elif kind is float:
+        raise ContractError(f"{path}: float not allowed (use an int in a named unit)")
+    elif kind is list:
+        if depth >= MAX_DEPTH:
+            raise ContractError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        for i, item in enumerate(value):
+            _check_json(item, f"{path}[{i}]", depth + 1)
+    elif kind is dict:
+        if depth >= MAX_DEPTH:
+            raise ContractError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ContractError(f"{path}: object key is not a string")
+            if _SURROGATE_RE.search(key):
+                raise ContractError(f"{path}: object key holds a lone surrogate")
+            _check_json(item, _where(path, key), depth + 1)
+    else:
+        raise ContractError(f"{path}: {kind.__name__} is not a JSON value of the contract")
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical UTF-8 JSON of ``value`` (see the module docstring); ContractError if impossible."""
+    _check_json(value, "value", 0)
+    # Python's encoder with these options is exactly the canonical form once _check_json
+    # has excluded floats, big ints, non-str keys and surrogates: sort_keys orders str by
+    # code point, and ensure_ascii=False escapes only '"', '\\' and U+0000-U+001F.
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False)
+    return text.encode("utf-8")
+
+
+def canonical_bytes(topic: str, envelope: dict[str, Any]) -> bytes:
+    """The bytes an envelope's signature covers: prefix, topic, newline, canonical JSON.
+
+    ``envelope`` is the envelope WITHOUT its "sig" field.
+    """
+    if not isinstance(topic, str) or "\n" in topic or _SURROGATE_RE.search(topic):
+        raise ContractError("topic: cannot be part of signed bytes")
+    if "sig" in envelope:
+        raise ContractError("canonical_bytes: pass the envelope without its 'sig' field")
+    return SIGNING_PREFIX + topic.encode("utf-8") + b"\n" + canonical_json(envelope)
+
+
+# -- keys -----------------------------------------------------------------------------
+def _raw_public(public_key: Ed25519PublicKey | bytes) -> bytes:
+    if isinstance(public_key, Ed25519PublicKey):
+        return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    if isinstance(public_key, (bytes, bytearray)) and len(public_key) == 32:
+        return bytes(public_key)
+    raise ContractError("public key: expected an Ed25519PublicKey or its 32 raw bytes")
+
+
+def key_id(public_key: Ed25519PublicKey | bytes) -> str:
+    """16 lowercase hex: the first 8 bytes of SHA-256 over the raw 32-byte public key."""
+    return hashlib.sha256(_raw_public(public_key)).digest()[:8].hex()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """A public key the hall trusts, who owns it (a device or service id) and its roles."""
+
+    kid: str
+    owner: str
+    roles: frozenset[str]
+    public_key: Ed25519PublicKey = field(repr=False, compare=False)
+
+
+class Keyring:
+    """kid -> KeyEntry. Reads take no lock: writers swap in a new dict (copy on write)."""
+
+    def __init__(self) -> None:
+        self._write_lock = threading.Lock()
+        self._entries: dict[str, KeyEntry] = {}
+
+    def add(self, public_key: Ed25519PublicKey | bytes, *, owner: str,
+            roles: Iterable[str]) -> KeyEntry:
+        """Trust ``public_key`` for ``owner`` with ``roles``; re-adding replaces the roles.
+
+        The same key for a different owner is refused (ContractError): a kid names one owner.
+        """
+        raw = _raw_public(public_key)
+        validate_id("key owner", owner)
+        if isinstance(roles, str):
+            raise ContractError("roles: expected an iterable of role names, not one string")
+        role_set = frozenset(validate_id("role", r) for r in roles)
+        entry = KeyEntry(key_id(raw), owner, role_set, Ed25519PublicKey.from_public_bytes(raw))
+        with self._write_lock:
+            old = self._entries.get(entry.kid)
+            if old is not None and old.owner != owner:
+                raise ContractError(f"key {entry.kid} already belongs to {old.owner!r}")
+            entries = dict(self._entries)
+            entries[entry.kid] = entry
+            self._entries = entries
+        return entry
+
+    def get(self, kid: str) -> KeyEntry:
+        """The entry for ``kid``; SignatureError "unknown key id ..." if there is none."""
+        entry = self._entries.get(kid)
+        if entry is None:
+            raise SignatureError(f"unknown key id {kid}")
+        return entry
+
+    def find(self, kid: str) -> KeyEntry | None:
+        return self._entries.get(kid)
+
+    def remove(self, kid: str) -> None:
+        """Stop trusting ``kid`` (no error if it was not there)."""
+        with self._write_lock:
+            if kid in self._entries:
+                entries = dict(self._entries)
+                del entries[kid]
+                self._entries = entries
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _decode_sig(sig: str) -> bytes:
+    raw = base64.urlsafe_b64decode(sig + "==")
+    # Refuse the non-canonical spellings (spare bits set): one signature, one string.
+    if len(raw) != 64 or _b64url(raw) != sig:
+        raise ContractError("envelope.sig: not canonical base64url of 64 bytes")
+    return raw
+
+
+# -- checks shared by sealing and verifying ------------------------------------------
+def _check_type_for_topic(msg_type: str, parts: TopicParts) -> None:
+    expected = MESSAGE_TYPE_FOR_KIND[parts.kind]
+    if msg_type != expected:
+        raise ContractError(f"type {msg_type!r} does not belong on a {parts.kind} topic "
+                            f"(expected {expected!r})")
+
+
+def _check_body_against_topic(msg_type: str, body: dict[str, Any], parts: TopicParts) -> None:
+    """Relations between a valid body and its topic (the sender already owns kiosk kinds)."""
+    if msg_type == "cmd" and body["target"] != parts.device:
+        raise ContractError("cmd.body.target: differs from the device of the topic")
+    if msg_type in ("ticket", "ticket_ack"):
+        match = TICKET_UID_RE.fullmatch(body["ticket_uid"])
+        owner = match.group(1) if match else None
+        if owner != parts.device:
+            raise ContractError(f"{msg_type}.body.ticket_uid: not a ticket of the topic's device")
+
+
+# -- signing --------------------------------------------------------------------------
+class Signer:
+    """Seals bodies into signed envelopes for one sender.
+
+    ``next_seq()`` returns the next sequence number (>= 1), strictly increasing for the life
+    of the sender's identity and never reused across restarts (reserve blocks in durable
+    state); it is called once per ``seal`` and must be thread-safe if seal is called from
+    several threads. ``boot_id`` is 32 lowercase hex drawn fresh at each process start
+    (``secrets.token_hex(16)``). ``ts_ms`` comes from ``clock.wall()``.
+    """
+
+    __slots__ = ("_key", "_sender", "_boot", "_next_seq", "_clock", "kid")
+
+    def __init__(self, private_key: Ed25519PrivateKey, *, sender: str, boot_id: str,
+                 next_seq: Callable[[], int], clock: Clock = SYSTEM_CLOCK) -> None:
+        if not isinstance(private_key, Ed25519PrivateKey):
+            raise ContractError("Signer: expected an Ed25519PrivateKey")
+        if not isinstance(boot_id, str) or not _BOOT_RE.fullmatch(boot_id):
+            raise ContractError("Signer: boot_id must be 32 lowercase hex chars")
+        if not callable(next_seq):
+            raise ContractError("Signer: next_seq must be callable")
+        self._key = private_key
+        self._sender = validate_id("sender", sender)
+        self._boot = boot_id
+        self._next_seq = next_seq
+        self._clock = clock
+        self.kid = key_id(private_key.public_key())
+
+    @property
+    def sender(self) -> str:
+        return self._sender
+
+    @property
+    def boot_id(self) -> str:
+        return self._boot
+
+    def __repr__(self) -> str:
+        return f"Signer(sender={self._sender!r}, kid={self.kid!r}, boot={self._boot!r})"
+
+    def seal(self, topic: str, msg_type: str, body: dict[str, Any]) -> bytes:
+        """Validate ``body``, sign it for ``topic`` and return the compact UTF-8 payload.
+
+        Raises ContractError for a body, topic or type that verify() would refuse; a
+        sequence number may then already be consumed (a gap is legitimate).
+        """
+        parts = parse_topic(topic)
+        _check_type_for_topic(msg_type, parts)
+        if parts.kind in KIOSK_KINDS and parts.device != self._sender:
+            raise ContractError(f"sender does not own topic: {self._sender!r} cannot publish "
+                                f"on {parts.device!r}'s {parts.kind} topic")
+        clean = validate_body(msg_type, body)
+        _check_body_against_topic(msg_type, clean, parts)
+        seq = self._next_seq()
+        if type(seq) is not int or not 1 <= seq <= MAX_SAFE_INT:
+            raise ContractError("Signer: next_seq() must return an int in [1, 2**53-1]")
+        envelope: dict[str, Any] = {
+            "v": ENVELOPE_VERSION,
+            "type": msg_type,
+            "sender": self._sender,
+            "boot": self._boot,
+            "seq": seq,
+            "ts_ms": int(self._clock.wall() * 1000),
+            "kid": self.kid,
+            "body": clean,
+        }
+        envelope["sig"] = _b64url(self._key.sign(canonical_bytes(topic, envelope)))
+        payload = canonical_json(envelope)
+        if len(payload) > MAX_PAYLOAD:
+            raise ContractError(f"{msg_type} payload of {len(payload)} bytes exceeds "
+                                f"{MAX_PAYLOAD}")
+        return payload
+
+
+# -- replay and gap tracking ---------------------------------------------------------
+class _Track:
+    __slots__ = ("boot", "highest", "seen")
+
+    def __init__(self, boot: str, seq: int) -> None:
+        self.boot = boot
+        self.highest = seq
+        self.seen = 1  # bit i set: seq (highest - i) was accepted
+
+
+class SequenceTracker:
+    """Per sender: boot id, highest seq, and a bitmap of the last ``window`` seqs.
+
+    ``check`` answers ("first" | "ok" | "gap" | "new_boot" | "late", missing) or raises
+    ReplayError; it changes state only when it accepts. State lives in memory: a restarted
+    receiver sees every sender as "first" again (ticket dedupe on ticket_uid covers that).
+    """
+
+    def __init__(self, window: int = 1024) -> None:
+        if type(window) is not int or window < 1:
+            raise ContractError("SequenceTracker: window must be an int >= 1")
+        self.window = window
+        self._mask = (1 << window) - 1
+        self._lock = threading.Lock()
+        self._tracks: dict[str, _Track] = {}
+
+    def check(self, sender: str, boot: str, seq: int) -> tuple[str, int]:
+        if type(seq) is not int or seq < 1:
+            raise ContractError("SequenceTracker: seq must be an int >= 1")
+        with self._lock:
+            track = self._tracks.get(sender)
+            if track is None:
+                self._tracks[sender] = _Track(boot, seq)
+                return "first", 0
+            if boot != track.boot:
+                if seq <= track.highest:
+                    raise ReplayError(f"{sender}: new boot with seq {seq} <= highest seen "
+                                      f"{track.highest}")
+                # Senders reserve seq blocks, so a restart skips numbers legitimately.
+                self._tracks[sender] = _Track(boot, seq)
+                return "new_boot", 0
+            if seq > track.highest:
+                step = seq - track.highest
+                track.seen = ((track.seen << step) | 1) & self._mask
+                track.highest = seq
+                return ("ok", 0) if step == 1 else ("gap", step - 1)
+            offset = track.highest - seq
+            if offset >= self.window:
+                raise ReplayError(f"{sender}: seq {seq} older than the window of "
+                                  f"{self.window} below {track.highest}")
+            if track.seen >> offset & 1:
+                raise ReplayError(f"{sender}: seq {seq} already seen")
+            track.seen |= 1 << offset
+            return "late", 0
+
+    def forget(self, sender: str) -> None:
+        """Drop what is known of ``sender`` (e.g. when its key is removed)."""
+        with self._lock:
+            self._tracks.pop(sender, None)
+
+    def highest(self, sender: str) -> int | None:
+        with self._lock:
+            track = self._tracks.get(sender)
+            return None if track is None else track.highest
+
+
+# -- verifying ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A message that passed every check. ``seq_status`` is "unchecked" without a tracker.
+
+    ``body`` is left out of repr(): it may carry a citizen's pseudonym.
+    """
+
+    msg_type: str
+    sender: str
+    boot: str
+    seq: int
+    ts_ms: int
+    kid: str
+    body: dict[str, Any] = field(repr=False)
+    topic: str
+    seq_status: str
+    missing: int
+    hall: str = ""
+    device: str = ""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Duplicate keys parse differently across JSON libraries (first wins, last wins,
+    # error): the signed meaning would depend on the verifier's language.
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ContractError("payload: duplicate object key")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ContractError(f"payload: {name} is not JSON")
+
+
+def _parse(payload: bytes) -> Any:
+    try:
+        text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ContractError("payload: not valid UTF-8") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except ContractError:
+        raise  # from the hooks (it is a ValueError too, so it must pass first)
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"payload: not JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise ContractError("payload: nested too deeply") from None
+    except ValueError:
+        # int() refuses numbers of more than 4300 digits.
+        raise ContractError("payload: number too long") from None
+    _check_json(obj, "envelope", 0)
+    return obj
+
+
+def _check_fields(obj: Any) -> None:
+    if type(obj) is not dict:
+        raise ContractError("envelope: expected a JSON object")
+    missing = [f for f in ENVELOPE_FIELDS if f not in obj]
+    unknown = sorted(k for k in obj if k not in ENVELOPE_FIELDS)
+    if missing or unknown:
+        shown = [ascii(k)[:40] for k in unknown[:5]]
+        raise ContractError("envelope: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else [])
+            + ([f"unknown field(s) {', '.join(shown)}"] if unknown else [])))
+    if type(obj["v"]) is not int or obj["v"] != ENVELOPE_VERSION:
+        raise ContractError(f"envelope.v: expected {ENVELOPE_VERSION}")
+    if obj["type"] not in MESSAGE_TYPES:
+        raise ContractError("envelope.type: expected one of " + ", ".join(MESSAGE_TYPES))
+    try:
+        validate_id("sender", obj["sender"])
+    except ContractError as exc:
+        raise ContractError(f"envelope.sender: {exc}") from None
+    if type(obj["boot"]) is not str or not _BOOT_RE.fullmatch(obj["boot"]):
+        raise ContractError("envelope.boot: expected 32 lowercase hex chars")
+    if type(obj["seq"]) is not int or obj["seq"] < 1:
+        raise ContractError("envelope.seq: expected int >= 1")
+    if type(obj["ts_ms"]) is not int or obj["ts_ms"] < 0:
+        raise ContractError("envelope.ts_ms: expected int >= 0")
+    if type(obj["kid"]) is not str or not _KID_RE.fullmatch(obj["kid"]):
+        raise ContractError("envelope.kid: expected 16 lowercase hex chars")
+    if type(obj["body"]) is not dict:
+        raise ContractError("envelope.body: expected an object")
+    if type(obj["sig"]) is not str or not _SIG_RE.fullmatch(obj["sig"]):
+        raise ContractError("envelope.sig: expected 86 chars of base64url without padding")
+
+
+def verify(payload: bytes, topic: str, keyring: Keyring, *,
+           tracker: SequenceTracker | None = None, expect_type: str | None = None,
+           require_role: str | None = None) -> Verified:
+    """Verify a payload received on ``topic``; return what it says or raise.
+
+    Raises ContractError (malformed, wrong type or body), SignatureError (key, signature,
+    ownership, role) or ReplayError (tracker), all of the ContractError family; checks run
+    in the order of docs/mqtt-contract.md and the tracker is consulted last, so nothing
+    unauthenticated ever changes its state.
+    """
+    parts = parse_topic(topic)
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ContractError("payload: expected bytes")
+    if len(payload) > MAX_PAYLOAD:
+        raise ContractError(f"payload: {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    obj = _parse(payload)
+    _check_fields(obj)
+    sig = _decode_sig(obj["sig"])
+    sender, msg_type, kid = obj["sender"], obj["type"], obj["kid"]
+
+    entry = keyring.get(kid)
+    unsigned = {k: v for k, v in obj.items() if k != "sig"}
+    try:
+        entry.public_key.verify(sig, canonical_bytes(topic, unsigned))
+    except InvalidSignature:
+        raise SignatureError(f"bad signature or wrong topic (kid {kid}, topic "
+                             f"{parts.kind} of {parts.device})") from None
+    if entry.owner != sender:
+        raise SignatureError(f"key {kid} belongs to {entry.owner!r}, not to sender {sender!r}")
+    if parts.kind in KIOSK_KINDS and parts.device != sender:
+        raise SignatureError(f"sender does not own topic: {sender!r} on {parts.device!r}'s "
+                             f"{parts.kind} topic")
+    if require_role is not None and require_role not in entry.roles:
+        raise SignatureError(f"key {kid} of {sender!r} lacks role {require_role!r}")
+
+    _check_type_for_topic(msg_type, parts)
+    if expect_type is not None and msg_type != expect_type:
+        raise ContractError(f"type {msg_type!r} where {expect_type!r} was expected")
+    body = validate_body(msg_type, obj["body"])
+    _check_body_against_topic(msg_type, body, parts)
+
+    status, missing = ("unchecked", 0)
+    if tracker is not None:
+        status, missing = tracker.check(sender, obj["boot"], obj["seq"])
+    return Verified(msg_type, sender, obj["boot"], obj["seq"], obj["ts_ms"], kid, body, topic,
+                    status, missing, parts.hall, parts.device)
+
+
+def state_supersedes(current: Verified | None, candidate: Verified) -> bool:
+    """Whether ``candidate`` should replace ``current`` as a kiosk's known state.
+
+    State is verified WITHOUT a tracker (the broker re-delivers the retained copy on every
+    subscribe, and the will was sealed at connect time but arrives later), so order comes
+    from the body: within one connection (same boot and session) "offline" is final and
+    otherwise the higher seq wins; across connections the higher seq wins, since seqs
+    increase across restarts. A will of an older connection therefore loses to the state
+    of a newer one.
+    """
+    if candidate.msg_type != "state" or (current is not None and current.msg_type != "state"):
+        raise ContractError("state_supersedes: both messages must be state messages")
+    if current is None:
+        return True
+    if current.topic != candidate.topic:
+        raise ContractError("state_supersedes: messages of different kiosks")
+    if (current.boot, current.seq) == (candidate.boot, candidate.seq):
+        return False
+    same_connection = (current.boot == candidate.boot
+                       and current.body["session"] == candidate.body["session"])
+    if same_connection:
+        if current.body["status"] == "offline":
+            return False
+        if candidate.body["status"] == "offline":
+            return True
+    return candidate.seq > current.seq

@@ -1,0 +1,411 @@
+"""Payload schemas of contract version 1: a tiny declarative validator, no third-party deps.
+
+Each message type has a schema of fields (name, type, required, constraints). Validation is
+strict: unknown fields are rejected, every string is bounded, and there are NO floats
+anywhere (a float prints differently in every language, so it cannot be part of canonical
+signed JSON): quantities are integers in the unit their name states (``temp_mC``,
+``uptime_s``, ``issued_at_ms``).
+
+Every problem found is reported with its path (``ticket.body.waiting_ahead: expected int
+>= 0``), all of them in one ContractError, ESPHome style. Messages name fields and rules,
+never the offending value: a body may carry personal data.
+
+String lengths count Unicode code points.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from hallkiosk.errors import ContractError
+
+from .topics import ID_RE
+
+CONTRACT_VERSION: Final = 1
+#: Upper bound of a whole MQTT payload (the signed envelope), in bytes.
+MAX_PAYLOAD: Final = 16 * 1024
+#: Default upper bound of a string, in code points.
+MAX_STR: Final = 256
+#: Integers stay exactly representable as IEEE-754 doubles (JavaScript, Lua, jq).
+MAX_SAFE_INT: Final = 2**53 - 1
+
+#: Keys of telemetry objects (they become metric names on the hall side). Upper case is
+#: allowed only because units need it: ``temp_mC`` (milli-Celsius) is not ``temp_mc``.
+TELEMETRY_KEY_RE: Final = re.compile(r"[A-Za-z0-9_]{1,64}")
+#: Keys of free-form objects (event detail, state extra, cmd args, cmd_result detail).
+FREE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# Free text may hold TAB and LF; every other C0 control, DEL and lone surrogates (which
+# have no UTF-8 encoding) are refused so a payload always encodes and prints safely.
+_BAD_TEXT_RE: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
+
+Problems = list[str]
+
+
+class Spec:
+    """A value type. ``check`` appends problems and returns the (rebuilt) value."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        raise NotImplementedError
+
+    def _fail(self, path: str, problems: Problems) -> None:
+        problems.append(f"{path}: expected {self.describe()}")
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    min: int = -MAX_SAFE_INT
+    max: int = MAX_SAFE_INT
+
+    def describe(self) -> str:
+        lo, hi = self.min != -MAX_SAFE_INT, self.max != MAX_SAFE_INT
+        if lo and hi:
+            return f"int in [{self.min}, {self.max}]"
+        if lo:
+            return f"int >= {self.min}"
+        if hi:
+            return f"int <= {self.max}"
+        return "int"
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        if type(value) is float:
+            problems.append(f"{path}: expected {self.describe()} (floats are not allowed)")
+        # bool is a subclass of int in Python; in JSON they are different types.
+        elif type(value) is not int or not self.min <= value <= self.max:
+            self._fail(path, problems)
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    def describe(self) -> str:
+        return "bool"
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        if type(value) is not bool:
+            self._fail(path, problems)
+        return value
+
+
+@dataclass(frozen=True)
+class Str(Spec):
+    """A string: free text by default, or a ``pattern`` (full match), or one of ``enum``."""
+
+    max_len: int = MAX_STR
+    min_len: int = 0
+    pattern: re.Pattern[str] | None = None
+    enum: tuple[str, ...] | None = None
+    label: str | None = None
+
+    def describe(self) -> str:
+        if self.enum is not None:
+            return " | ".join(f'"{e}"' for e in self.enum)
+        if self.label is not None:
+            return self.label
+        if self.min_len:
+            return f"str of {self.min_len}-{self.max_len} chars"
+        return f"str of at most {self.max_len} chars"
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        if type(value) is not str:
+            self._fail(path, problems)
+        elif self.enum is not None:
+            if value not in self.enum:
+                self._fail(path, problems)
+        elif not self.min_len <= len(value) <= self.max_len:
+            self._fail(path, problems)
+        elif self.pattern is not None:
+            if not self.pattern.fullmatch(value):
+                self._fail(path, problems)
+        elif _BAD_TEXT_RE.search(value):
+            problems.append(f"{path}: control character or lone surrogate in text")
+        return value
+
+
+@dataclass(frozen=True)
+class Nullable(Spec):
+    inner: Spec
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} | null"
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        if value is None:
+            return None
+        mark = len(problems)
+        out = self.inner.check(value, path, problems)
+        if len(problems) == mark + 1 and problems[mark].startswith(f"{path}: expected "):
+            # Re-word so the reader learns null was also acceptable.
+            problems[mark] = f"{path}: expected {self.describe()}"
+        return out
+
+
+@dataclass(frozen=True)
+class Scalar(Spec):
+    """int | bool | str | null (strings as free text of at most ``max_len``)."""
+
+    max_len: int = MAX_STR
+
+    def describe(self) -> str:
+        return f"int | bool | str (<= {self.max_len} chars) | null"
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        if value is None or type(value) is bool:
+            return value
+        if type(value) is int:
+            if abs(value) > MAX_SAFE_INT:
+                problems.append(f"{path}: int outside +-(2**53-1)")
+            return value
+        if type(value) is str:
+            return Str(self.max_len).check(value, path, problems)
+        if type(value) is float:
+            problems.append(f"{path}: float not allowed (use an int in a named unit)")
+            return value
+        self._fail(path, problems)
+        return value
+
+
+@dataclass(frozen=True)
+class ListOf(Spec):
+    item: Spec
+    max_items: int = 64
+    unique: bool = False
+
+    def describe(self) -> str:
+        unique = "unique " if self.unique else ""
+        return f"list of at most {self.max_items} {unique}({self.item.describe()})"
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        # Tuples are accepted from Python callers (frozen config); JSON only yields lists.
+        if type(value) not in (list, tuple) or len(value) > self.max_items:
+            self._fail(path, problems)
+            return value
+        out = [self.item.check(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        if self.unique and len({repr(v) for v in out}) != len(out):
+            problems.append(f"{path}: duplicate items")
+        return out
+
+
+@dataclass(frozen=True)
+class MapOf(Spec):
+    """An object with free keys matching ``key_re`` and values of one spec."""
+
+    key_re: re.Pattern[str]
+    value: Spec
+    max_items: int = 32
+
+    def describe(self) -> str:
+        return (f"object of at most {self.max_items} keys [{self.key_re.pattern}] -> "
+                f"({self.value.describe()})")
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        if type(value) is not dict or len(value) > self.max_items:
+            self._fail(path, problems)
+            return value
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str or not self.key_re.fullmatch(key):
+                problems.append(f"{path}: key {_shown_key(key)} does not match "
+                                f"[{self.key_re.pattern}]")
+                continue
+            out[key] = self.value.check(item, f"{path}.{key}", problems)
+        return out
+
+
+@dataclass(frozen=True)
+class AnyOf(Spec):
+    """The first alternative that accepts the value wins."""
+
+    options: tuple[Spec, ...]
+
+    def describe(self) -> str:
+        return " | ".join(f"({o.describe()})" for o in self.options)
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        for option in self.options:
+            trial: Problems = []
+            out = option.check(value, path, trial)
+            if not trial:
+                return out
+        if type(value) is float:
+            problems.append(f"{path}: float not allowed (use an int in a named unit)")
+        else:
+            self._fail(path, problems)
+        return value
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    spec: Spec
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Struct(Spec):
+    """An object with named fields. Unknown keys are rejected unless ``extra`` is given.
+
+    ``extra`` validates any other key matching ``extra_key_re`` (telemetry's free keys);
+    ``cross`` checks relations between fields once each field passed on its own.
+    """
+
+    fields: tuple[Field, ...]
+    extra: Spec | None = None
+    extra_key_re: re.Pattern[str] | None = None
+    max_extra: int = 64
+    cross: Callable[[dict[str, Any], str, Problems], None] | None = None
+
+    def describe(self) -> str:
+        return "object"
+
+    def check(self, value: Any, path: str, problems: Problems) -> Any:
+        if type(value) is not dict:
+            self._fail(path, problems)
+            return value
+        mark = len(problems)
+        known = {f.name: f for f in self.fields}
+        out: dict[str, Any] = {}
+        for f in self.fields:
+            if f.name in value:
+                out[f.name] = f.spec.check(value[f.name], f"{path}.{f.name}", problems)
+            elif f.required:
+                problems.append(f"{path}.{f.name}: required field missing")
+        extras = [k for k in value if k not in known]
+        if self.extra is None:
+            for key in extras:
+                hint = ""
+                if type(key) is str:
+                    close = difflib.get_close_matches(key, list(known), n=1)
+                    if close:
+                        hint = f" (did you mean {close[0]!r}?)"
+                problems.append(f"{path}: unknown field {_shown_key(key)}{hint}")
+        else:
+            if len(extras) > self.max_extra:
+                problems.append(f"{path}: more than {self.max_extra} fields")
+            key_re = self.extra_key_re or FREE_KEY_RE
+            for key in extras:
+                if type(key) is not str or not key_re.fullmatch(key):
+                    problems.append(f"{path}: key {_shown_key(key)} does not match "
+                                    f"[{key_re.pattern}]")
+                    continue
+                out[key] = self.extra.check(value[key], f"{path}.{key}", problems)
+        if self.cross is not None and len(problems) == mark:
+            self.cross(out, path, problems)
+        return out
+
+
+def _shown_key(key: object) -> str:
+    # Keys come off the wire: show them bounded and ASCII-escaped.
+    text = ascii(key)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# -- the building blocks of v1 --------------------------------------------------------
+ID = Str(max_len=32, min_len=1, pattern=ID_RE,
+         label="id (1-32 of A-Z a-z 0-9 _ -, not starting with -)")
+TICKET_UID_RE: Final = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_-]{0,31}):([1-9][0-9]{0,15})")
+TICKET_UID = Str(max_len=49, min_len=3, pattern=TICKET_UID_RE, label='"{device}:{serial}"')
+HEX64 = Str(64, 64, re.compile(r"[0-9a-f]{64}"), label="64 lowercase hex chars")
+NONCE = Str(64, 16, re.compile(r"[A-Za-z0-9_-]{16,64}"), label="nonce of 16-64 of A-Z a-z 0-9 _ -")
+NAME = Str(64, 1, re.compile(r"[a-z0-9_.]{1,64}"), label="name of 1-64 of a-z 0-9 _ .")
+SUBJECT = Str(64, 1, re.compile(r"[A-Za-z0-9_.-]{1,64}"), label="1-64 of A-Z a-z 0-9 _ . -")
+VERSION = Str(64, 1, re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}"),
+              label="version of 1-64 of A-Z a-z 0-9 . + _ -")
+TEXT = Str(MAX_STR)
+NON_NEG = Int(min=0)
+POSITIVE = Int(min=1)
+FLAT_OBJECT = MapOf(FREE_KEY_RE, Scalar(), 32)
+# cmd args / cmd_result detail: scalars, lists of scalars, or one nested flat object.
+OPEN_OBJECT = MapOf(FREE_KEY_RE, AnyOf((Scalar(), ListOf(Scalar(), 64), FLAT_OBJECT)), 32)
+TELEMETRY_VALUE = AnyOf((Scalar(), MapOf(TELEMETRY_KEY_RE, Scalar(), 32)))
+
+
+def _ticket_uid_matches_serial(body: dict[str, Any], path: str, problems: Problems) -> None:
+    match = TICKET_UID_RE.fullmatch(body["ticket_uid"])
+    if match is not None and int(match.group(2)) != body["serial"]:
+        problems.append(f"{path}.ticket_uid: serial part differs from {path}.serial")
+
+
+SCHEMAS: Final[Mapping[str, Struct]] = {
+    "ticket": Struct((
+        Field("ticket_uid", TICKET_UID),
+        Field("ticket_id", Str(32, 1)),
+        Field("service", ID),
+        Field("service_name", Str(128, 1)),
+        Field("number", POSITIVE),
+        Field("serial", POSITIVE),
+        Field("issued_at_ms", NON_NEG),
+        Field("clock_trusted", Bool()),
+        Field("waiting_ahead", NON_NEG),
+        Field("priority", Str(enum=("normal", "appointment"))),
+        Field("appointment_id", Nullable(Str(64, 1))),
+        Field("citizen", Nullable(HEX64)),
+        Field("source", Str(enum=("idcard", "qr", "button"))),
+        Field("printed", Str(enum=("yes", "no", "unknown"))),
+    ), cross=_ticket_uid_matches_serial),
+    "ticket_ack": Struct((
+        Field("ticket_uid", TICKET_UID),
+        Field("ticket_id", Str(32, 1)),
+        Field("status", Str(enum=("accepted", "duplicate"))),
+        Field("ledger_id", POSITIVE),
+    )),
+    "state": Struct((
+        Field("status", Str(enum=("online", "offline", "degraded", "out_of_service"))),
+        Field("session", NON_NEG),
+        Field("agent_version", VERSION),
+        Field("since_ms", NON_NEG),
+        Field("reason", Nullable(TEXT)),
+        Field("services", ListOf(ID, 64, unique=True)),
+        Field("extra", FLAT_OBJECT, required=False),
+    )),
+    "telemetry": Struct((
+        Field("uptime_s", NON_NEG),
+    ), extra=TELEMETRY_VALUE, extra_key_re=TELEMETRY_KEY_RE, max_extra=63),
+    "event": Struct((
+        Field("name", NAME),
+        Field("severity", Str(enum=("info", "warning", "fault"))),
+        Field("subject", Nullable(SUBJECT)),
+        Field("detail", FLAT_OBJECT),
+    )),
+    "cmd": Struct((
+        Field("name", NAME),
+        Field("args", OPEN_OBJECT),
+        Field("target", ID),
+        Field("nonce", NONCE),
+        Field("expires_at_ms", NON_NEG),
+    )),
+    "cmd_result": Struct((
+        Field("cmd_seq", POSITIVE),
+        Field("nonce", NONCE),
+        Field("status", Str(enum=("accepted", "refused", "done", "failed"))),
+        Field("reason", Nullable(TEXT)),
+        Field("detail", OPEN_OBJECT),
+    )),
+}
+
+#: Every message type of contract v1.
+MESSAGE_TYPES: Final = tuple(SCHEMAS)
+
+
+def validate_body(msg_type: str, body: Any) -> dict[str, Any]:
+    """Validate ``body`` against the v1 schema of ``msg_type``; return a rebuilt copy.
+
+    Raises ContractError listing every problem with its path, e.g.
+    ``ticket.body.waiting_ahead: expected int >= 0``.
+    """
+    schema = SCHEMAS.get(msg_type) if isinstance(msg_type, str) else None
+    if schema is None:
+        raise ContractError(f"unknown message type {_shown_key(msg_type)}; expected one of "
+                            + ", ".join(MESSAGE_TYPES))
+    problems: Problems = []
+    out = schema.check(body, f"{msg_type}.body", problems)
+    if problems:
+        raise ContractError("; ".join(problems))
+    return out

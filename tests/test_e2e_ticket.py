@@ -1,0 +1,165 @@
+"""End to end: card -> button -> printed ticket -> signed ticket verified and stored by the
+hall's consumer -> ack -> outbox empty. Real broker, devices on real ptys, real crypto."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from edge.store import KioskStore
+from edge.mqtt import LinkMessage, MqttLink
+from emulator.idcard import Card
+from mqtt_topics.envelope import verify
+from mqtt_topics.topics import HallTopics
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+class Recorder:
+    """A plain subscriber that keeps every message it sees (for scanning payloads)."""
+
+    def __init__(self, broker, topic_filter: str) -> None:
+        self.messages: list[LinkMessage] = []
+        self.link = MqttLink(client_id=f"recorder-{id(self)}", host="127.0.0.1", port=broker.port,
+                             sink=self._sink, subscriptions=((topic_filter, 1),))
+        self.link.start()
+        assert self.link.wait_connected(10)
+
+    def _sink(self, ev) -> None:
+        if isinstance(ev, LinkMessage):
+            self.messages.append(ev)
+
+    def of_kind(self, suffix: str) -> list[LinkMessage]:
+        return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def close(self) -> None:
+        self.link.stop()
+
+
+def outbox_depth(kiosk) -> int:
+    with KioskStore(kiosk.dir / "state" / "kiosk.sqlite") as store:
+        return store.depth()
+
+
+def test_card_button_ticket_ack(hall):
+    rec = Recorder(hall.broker, f"hall/{hall.hall_id}/#")
+    consumer = hall.start_consumer()
+    kiosk = hall.add_kiosk("k07", prefix="07")
+    agent = kiosk.start_agent()
+    wait_for(lambda: agent.link.connected, what="agent connected")
+
+    card = Card.valid()
+    kiosk.reader.present(card)
+    wait_for(lambda: kiosk.leds.state("A") or kiosk.leds.state("B"), what="service LEDs blinking")
+    kiosk.buttons.press("B")
+
+    assert kiosk.printer.wait_for_tickets(1, 10)
+    printed = kiosk.printer.tickets[0]
+    assert "B-07-0001" in printed.text
+    assert "Social insurance" in printed.text
+    assert printed.png_path is not None and printed.png_path.exists()
+    uid = printed.qr_codes[0]
+    assert uid == "k07:1"
+
+    wait_for(lambda: consumer.ledger.lookup(uid), what="ticket in the ledger")
+    row = consumer.ledger.lookup(uid)
+    assert (row.ticket_id, row.device, row.service, row.printed) == ("B-07-0001", "k07", "B", "yes")
+    wait_for(lambda: agent.store.depth() == 0, what="outbox emptied by the ack")
+
+    # The ticket on the wire verifies, and carries no personal data from the card.
+    wait_for(lambda: rec.of_kind("/ticket") and rec.of_kind("/ticket/ack"), what="ticket and ack seen")
+    msg = rec.of_kind("/ticket")[0]
+    v = verify(msg.payload, msg.topic, hall.keyring, expect_type="ticket")
+    assert v.body["citizen"] and len(v.body["citizen"]) == 64
+    for m in rec.messages:
+        text = m.payload.decode("utf-8", "replace")
+        assert card.name not in text and card.id_number not in text and card.address not in text
+    # The session is over and the card wiped.
+    assert agent.machine.session is None
+    rec.close()
+
+
+def test_session_times_out_back_to_idle(hall):
+    kiosk = hall.add_kiosk("k08", choose_timeout_s=1.0)
+    agent = kiosk.start_agent()
+    kiosk.reader.present(Card.valid())
+    wait_for(lambda: agent.machine.session is not None, what="session started")
+    wait_for(lambda: agent.machine.session is None, timeout_s=5, what="session timed out")
+    kiosk.buttons.press("A")        # too late: no ticket
+    assert not kiosk.printer.wait_for_tickets(1, 0.5)
+    assert agent.store.depth() == 0
+
+
+@pytest.mark.parametrize("card", [Card.bad_check_digit(), Card.expired()], ids=["check-digit", "expired"])
+def test_rejected_cards_give_a_reason_and_no_ticket(hall, card):
+    rec = Recorder(hall.broker, HallTopics(hall.hall_id).all_events)
+    kiosk = hall.add_kiosk("k09")
+    agent = kiosk.start_agent()
+    wait_for(lambda: agent.link.connected, what="agent connected")
+    kiosk.reader.present(card)
+    wait_for(lambda: rec.messages, what="card_rejected event")
+    body = json.loads(rec.messages[0].payload)["body"]
+    assert body["name"] == "card_rejected" and body["detail"]["reason"]
+    assert card.id_number not in rec.messages[0].payload.decode()
+    assert agent.machine.session is None and kiosk.printer.tickets == []
+    rec.close()
+
+
+def test_tickets_survive_broker_crash_with_nothing_acked(hall):
+    kiosk = hall.add_kiosk("k10", services=(("A", "Citizen card", "A"),))
+    agent = kiosk.start_agent()
+    wait_for(lambda: agent.link.connected, what="agent connected")
+    for n in range(3):                      # no consumer yet: nothing is acked
+        kiosk.reader.present(Card.valid())
+        assert kiosk.printer.wait_for_tickets(n + 1, 10)
+    wait_for(lambda: agent.store.depth() == 3, what="3 tickets in the outbox")
+    hall.broker.kill()                      # SIGKILL: PUBACKed messages can be lost
+    wait_for(lambda: not agent.link.connected, what="agent saw the broker die")
+    hall.broker.start()
+    consumer = hall.start_consumer()
+    wait_for(lambda: consumer.ledger.count() == 3, timeout_s=20, what="all 3 tickets in the ledger")
+    wait_for(lambda: agent.store.depth() == 0, timeout_s=20, what="outbox empty")
+    assert sorted(r.ticket_id for r in consumer.ledger.rows()) == ["A-01-0001", "A-01-0002", "A-01-0003"]
+
+
+def test_tickets_issued_while_broker_is_down_are_flushed(hall):
+    consumer = hall.start_consumer()
+    kiosk = hall.add_kiosk("k11", services=(("A", "Citizen card", "A"),))
+    agent = kiosk.start_agent()
+    wait_for(lambda: agent.link.connected, what="agent connected")
+    hall.broker.kill()
+    wait_for(lambda: not agent.link.connected, what="link down")
+    kiosk.reader.present(Card.valid())
+    assert kiosk.printer.wait_for_tickets(1, 10)   # the citizen is served offline
+    assert agent.store.depth() == 1
+    hall.broker.start()
+    wait_for(lambda: consumer.ledger.count() == 1, timeout_s=20, what="ticket delivered after recovery")
+    wait_for(lambda: agent.store.depth() == 0, timeout_s=20, what="outbox empty")
+
+
+@pytest.mark.parametrize("crash_at", ["after_print", "after_commit"])
+def test_kill_9_between_commit_and_publish(hall, crash_at):
+    consumer = hall.start_consumer()
+    kiosk = hall.add_kiosk("k12", services=(("A", "Citizen card", "A"),))
+    proc = kiosk.spawn_agent(env={"HALLKIOSK_CRASH_AT": crash_at})
+    wait_for(lambda: kiosk.reader.commands, what="agent polling the reader")
+    kiosk.reader.present(Card.valid())
+    proc.wait(timeout=20)
+    assert proc.returncode == -signal.SIGKILL
+    printed_before = len(kiosk.printer.tickets)
+    assert printed_before == (1 if crash_at == "after_print" else 0)
+    assert consumer.ledger.count() == 0
+
+    proc = kiosk.spawn_agent()
+    wait_for(lambda: consumer.ledger.count() == 1, timeout_s=20, what="ticket published after restart")
+    row = consumer.ledger.rows()[0]
+    assert row.ticket_id == "A-01-0001"
+    assert row.printed == ("yes" if crash_at == "after_print" else "unknown")
+    wait_for(lambda: outbox_depth(kiosk) == 0, timeout_s=20, what="outbox empty after the ack")
+    assert len(kiosk.printer.tickets) == printed_before      # never printed twice
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert consumer.ledger.count() == 1 and consumer.ledger.rows()[0].deliveries == 1
