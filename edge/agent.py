@@ -35,6 +35,9 @@ from mqtt_topics.topics import KioskTopics
 
 log = logging.getLogger("hallkiosk.agent")
 
+#: How often an idle kiosk asks its printer for status (three one-byte exchanges).
+PRINTER_CHECK_S = 30.0
+
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, clock: Clock = SYSTEM_CLOCK, pin_factory=None,
@@ -48,6 +51,8 @@ class Agent:
         self._on_ready = on_ready
         self._session_no = 0
         self.ready = threading.Event()
+        self._printer_flags: frozenset[str] = frozenset()
+        self._next_printer_check = 0.0
 
         self.secret = load_secret(cfg.hall.citizen_hash_secret_file)
         key = load_private_key(cfg.keys.device_key)
@@ -70,7 +75,8 @@ class Agent:
         self.desk = TicketDesk(store=self.store, device=cfg.kiosk.device_id,
                                prefix=cfg.kiosk.number_prefix, hall_name=cfg.hall.name,
                                printer_call=self.printer.print_ticket, clock=clock,
-                               clock_trusted=clock_trusted)
+                               clock_trusted=(clock_trusted if cfg.clock.trust == "kernel"
+                                              else lambda: True))
         self.sender = OutboxSender(store=self.store, publisher=self.publisher,
                                    keyring=self.keyring, clock=clock)
         self.machine = SessionMachine(tuple(s.category for s in cfg.services),
@@ -129,7 +135,8 @@ class Agent:
             self._shutdown()
 
     def _timeout(self) -> float | None:
-        deadlines = [d for d in (self.machine.next_deadline(), self.sender.next_deadline()) if d is not None]
+        deadlines = [d for d in (self.machine.next_deadline(), self.sender.next_deadline(),
+                                 self._next_printer_check) if d is not None]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock.monotonic())
@@ -139,6 +146,34 @@ class Agent:
             self.panel.show(Indication.READY)
             self.publisher.event("session_timeout", "info", "session")
         self.sender.tick()
+        if self.clock.monotonic() >= self._next_printer_check:
+            self._check_printer()
+
+    def _check_printer(self) -> None:
+        """Ask the printer how it is while idle, so ops hear of paper out before a citizen."""
+        self._next_printer_check = self.clock.monotonic() + PRINTER_CHECK_S
+        try:
+            self._note_printer(self.printer.status())
+        except DeviceError as exc:
+            self._note_printer_error(exc)
+
+    def _note_printer(self, status) -> None:
+        """Publish each printer flag the moment it appears or clears (not at the next poll)."""
+        flags = frozenset(status.faults) | frozenset(status.warnings)
+        if "unreachable" in self._printer_flags:
+            self.publisher.event("device_recovered", "info", "ticket-printer")
+        for flag in sorted(flags - self._printer_flags):
+            severity = "fault" if flag in status.faults else "warning"
+            self.publisher.event(f"printer_{flag}", severity, "ticket-printer")
+        for flag in sorted(self._printer_flags - flags - {"unreachable"}):
+            self.publisher.event(f"printer_{flag}_cleared", "info", "ticket-printer")
+        self._printer_flags = flags
+
+    def _note_printer_error(self, exc: DeviceError) -> None:
+        if "unreachable" not in self._printer_flags:
+            self.publisher.event("device_fault", "fault", "ticket-printer",
+                                 fault=type(exc).__name__, detail=str(exc))
+        self._printer_flags = frozenset({"unreachable"})
 
     def _shutdown(self) -> None:
         self.reader.stop()
@@ -217,6 +252,7 @@ class Agent:
         self.panel.show(Indication.ISSUING, (svc.button,))
         try:
             status = self.printer.status()
+            self._note_printer(status)
             if not status.ok_to_print:
                 self.publisher.event("ticket_refused", "warning", "ticket-printer",
                                      reason="printer not ready: " + ",".join(status.faults))
@@ -224,12 +260,15 @@ class Agent:
             entry, failure = self.desk.issue(IssueRequest(
                 service=svc.category, service_name=svc.name, citizen=session.citizen,
                 source=session.source))
+            if self.printer.last_status is not None:
+                self._note_printer(self.printer.last_status)
             if failure:
                 self.publisher.event("print_failed", "fault", "ticket-printer", ticket=entry.ticket_id,
                                      reason=failure)
             self.sender.send(entry)
             log.info("ticket %s issued (printed=%s)", entry.ticket_id, failure is None)
         except DeviceError as exc:
+            self._note_printer_error(exc)
             self.publisher.event("ticket_refused", "warning", "ticket-printer", reason=str(exc))
         finally:
             self.machine.end()

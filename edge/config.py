@@ -37,7 +37,7 @@ from hallkiosk.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_PATH", "DEFAULT_STATE_DIR", "PIN_FACTORIES", "TRUSTED_ROLES",
     "AgentConfig", "BrokerConfig", "GpioConfig", "HallConfig", "KeysConfig", "KioskConfig",
-    "PrinterConfig", "ReaderConfig", "ServiceConfig", "SessionConfig", "TrustedKey",
+    "PrinterConfig", "ReaderConfig", "ServiceConfig", "SessionConfig", "ClockConfig", "TrustedKey",
     "config_digest", "load_config", "parse_config",
 ]
 
@@ -134,6 +134,15 @@ class GpioConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClockConfig:
+    """Whether the wall clock may be trusted. ``kernel``: only once the kernel reports it
+    synchronised (adjtimex; a Pi has no RTC). ``assume_synced``: always (the emulator on a
+    developer machine, or a board with a battery-backed RTC)."""
+
+    trust: str
+
+
+@dataclass(frozen=True, slots=True)
 class SessionConfig:
     """Citizen session timing: back to idle after ``choose_timeout_s`` without a choice."""
 
@@ -163,6 +172,7 @@ class AgentConfig:
     printer: PrinterConfig
     gpio: GpioConfig
     session: SessionConfig
+    clock: ClockConfig
     services: tuple[ServiceConfig, ...]
     board: BoardProfile
 
@@ -417,7 +427,8 @@ class _Table:
 
 _KIOSK_KEYS = ("device_id", "hall", "number_prefix", "board", "state_dir")
 _BROKER_KEYS = ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s", "client_id")
-_TOP = ("kiosk", "hall", "broker", "keys", "devices", "gpio", "session", "services")
+_TOP = ("kiosk", "hall", "broker", "keys", "devices", "gpio", "session", "clock", "services")
+CLOCK_TRUST = ("kernel", "assume_synced")
 
 
 class _Validator:
@@ -445,14 +456,16 @@ class _Validator:
                                 board)
         gpio = self._gpio(top.table("gpio", ("pin_factory",)), board)
         session = self._session(top.table("session", ("choose_timeout_s",)))
+        clock = top.table("clock", ("trust",)).choice("trust", "kernel", CLOCK_TRUST)
         services = self._services(top, board)
         self._ports(reader, printer, board)
-        parts = (kiosk, board, hall, broker, keys, reader, printer, gpio, session, services)
+        parts = (kiosk, board, hall, broker, keys, reader, printer, gpio, session, services, clock)
         if self.problems or any(part is None for part in parts):
             return None
         return AgentConfig(source=Path(self.source), digest=digest, kiosk=kiosk, hall=hall,
                            broker=broker, keys=keys, reader=reader, printer=printer, gpio=gpio,
-                           session=session, services=services, board=board)
+                           session=session, services=services, board=board,
+                           clock=ClockConfig(clock))
 
     def _kiosk(self, t: _Table) -> tuple[KioskConfig | None, BoardProfile | None]:
         device_id = t.string("device_id", pattern=_ID, rule=_ID_RULE)

@@ -163,3 +163,45 @@ def test_kill_9_between_commit_and_publish(hall, crash_at):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert consumer.ledger.count() == 1 and consumer.ledger.rows()[0].deliveries == 1
+
+
+def _event_names(rec) -> list[str]:
+    return [json.loads(m.payload)["body"]["name"] for m in rec.of_kind("/event")]
+
+
+def test_paper_near_end_is_reported_at_once_and_paper_out_refuses(hall):
+    rec = Recorder(hall.broker, HallTopics(hall.hall_id).all_events)
+    kiosk = hall.add_kiosk("k13", services=(("A", "Citizen card", "A"),))
+    agent = kiosk.start_agent()
+    wait_for(lambda: agent.link.connected, what="agent connected")
+
+    kiosk.printer.set_paper("near_end")
+    kiosk.reader.present(Card.valid())
+    assert kiosk.printer.wait_for_tickets(1, 10)            # near end still prints
+    wait_for(lambda: "printer_paper_near_end" in _event_names(rec), what="near-end event")
+
+    kiosk.printer.set_paper("out")
+    kiosk.reader.present(Card.valid())
+    wait_for(lambda: "ticket_refused" in _event_names(rec), what="refusal event")
+    assert len(kiosk.printer.tickets) == 1
+    assert agent.store.last_ticket().ticket_id == "A-01-0001"   # nothing committed for it
+
+    kiosk.printer.set_paper("ok")
+    kiosk.reader.present(Card.valid())
+    assert kiosk.printer.wait_for_tickets(2, 10)
+    assert "A-01-0002" in kiosk.printer.tickets[1].text       # numbering carries on
+    wait_for(lambda: "printer_paper_out_cleared" in _event_names(rec), what="recovery event")
+    rec.close()
+
+
+def test_silent_printer_is_a_fault_never_ok(hall):
+    rec = Recorder(hall.broker, HallTopics(hall.hall_id).all_events)
+    kiosk = hall.add_kiosk("k14", services=(("A", "Citizen card", "A"),))
+    agent = kiosk.start_agent()
+    wait_for(lambda: agent.link.connected, what="agent connected")
+    kiosk.printer.set_silent(True)
+    kiosk.reader.present(Card.valid())
+    wait_for(lambda: "ticket_refused" in _event_names(rec), what="refusal")
+    assert "device_fault" in _event_names(rec)
+    assert agent.store.depth() == 0 and kiosk.printer.tickets == []
+    rec.close()

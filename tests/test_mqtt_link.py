@@ -1,0 +1,99 @@
+"""The MQTT link against a real Mosquitto: publish tracking, reconnect, will, robustness."""
+
+from __future__ import annotations
+
+import queue
+import random
+
+import pytest
+
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, PublishDone, Will, backoff_delay
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _link(broker, name: str, sink, **kw) -> MqttLink:
+    link = MqttLink(client_id=name, host="127.0.0.1", port=broker.port, sink=sink,
+                    reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)
+    link.start()
+    return link
+
+
+def _next(q: queue.Queue, kind, timeout_s: float = 10.0):
+    while True:
+        ev = q.get(timeout=timeout_s)
+        if isinstance(ev, kind):
+            return ev
+
+
+def test_publish_is_tracked_by_mid_and_reason(broker):
+    events: queue.Queue = queue.Queue()
+    sub = _link(broker, "sub", events.put, subscriptions=(("t/#", 1),))
+    _next(events, LinkUp)
+    pub_events: queue.Queue = queue.Queue()
+    pub = _link(broker, "pub", pub_events.put)
+    _next(pub_events, LinkUp)
+    mid = pub.publish("t/x", b"hello", qos=1)
+    done = _next(pub_events, PublishDone)
+    assert done.mid == mid and done.ok
+    msg = _next(events, LinkMessage)
+    assert (msg.topic, msg.payload, msg.qos) == ("t/x", b"hello", 1)
+    pub.stop()
+    sub.stop()
+
+
+def test_publish_while_down_raises_instead_of_queueing(broker):
+    events: queue.Queue = queue.Queue()
+    link = _link(broker, "k", events.put)
+    _next(events, LinkUp)
+    broker.kill()
+    _next(events, LinkDown)
+    with pytest.raises(NotConnected):
+        link.publish("t/x", b"late")
+    broker.start()
+    _next(events, LinkUp, timeout_s=15)       # reconnects by itself
+    link.stop()
+
+
+def test_will_is_published_when_the_connection_dies(broker):
+    watcher_q: queue.Queue = queue.Queue()
+    watcher = _link(broker, "watcher", watcher_q.put, subscriptions=(("state/#", 1),))
+    _next(watcher_q, LinkUp)
+    q: queue.Queue = queue.Queue()
+    link = _link(broker, "dying", q.put, make_will=lambda: Will("state/dying", b"offline"))
+    _next(q, LinkUp)
+    link.abandon()                            # TCP dropped without DISCONNECT: a crash
+    msg = _next(watcher_q, LinkMessage, timeout_s=15)
+    assert (msg.topic, msg.payload) == ("state/dying", b"offline")
+    watcher.stop()
+
+
+def test_a_sink_that_raises_does_not_kill_the_network_thread(broker):
+    seen: list = []
+
+    def bad_sink(ev):
+        seen.append(ev)
+        if isinstance(ev, LinkMessage) and ev.payload == b"boom":
+            raise RuntimeError("consumer bug")
+
+    sub = _link(broker, "sub2", bad_sink, subscriptions=(("t/#", 1),))
+    wait_for(lambda: sub.connected, what="connected")
+    q: queue.Queue = queue.Queue()
+    pub = _link(broker, "pub2", q.put)
+    _next(q, LinkUp)
+    pub.publish("t/a", b"boom")
+    pub.publish("t/a", b"after")
+    wait_for(lambda: any(isinstance(e, LinkMessage) and e.payload == b"after" for e in seen),
+             what="the message after the exception")
+    pub.stop()
+    sub.stop()
+
+
+def test_backoff_is_jittered_and_bounded():
+    rng = random.Random(1)
+    for attempt in range(12):
+        delays = {backoff_delay(attempt, 0.5, 30.0, rng) for _ in range(50)}
+        assert all(0.5 <= d <= min(30.0, 0.5 * 2 ** attempt) for d in delays)
+        if attempt > 0:
+            assert len(delays) > 40           # spread out, not lock step
