@@ -8,8 +8,10 @@ only module that opens a serial port; drivers are handed the open port.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
+import time
 from typing import Callable
 
 import serial
@@ -37,6 +39,14 @@ class SerialWorker(threading.Thread):
     transport failure close, back off with jitter (0.5 s to 5 s) and reopen when the port
     returns. Faults and recoveries are reported to ``sink`` as events the moment they happen.
 
+    Hot-plug: while backing off, a port given as a plain path (``/dev/serial/by-id/...``, a
+    pty symlink) is watched with a stat every ``path_poll_s``. When the path reappears after
+    being absent (the cable was pushed back), the wait is cut short after a random settle of
+    up to ``settle_s`` (udev creates the link before it sets group and mode) and the backoff
+    starts over, so recovery takes well under 2 s from the replug instead of up to the 5 s
+    backoff cap. URLs (``socket://`` ...) have no path to watch and keep the plain backoff.
+    Every wait here is on the monotonic clock.
+
     Subclasses implement ``attach(port)`` (build and initialise the driver) and
     ``serve(driver)`` (the device loop; returns or raises when the transport fails).
     """
@@ -46,7 +56,8 @@ class SerialWorker(threading.Thread):
     def __init__(self, url: str, *, sink: Callable[[object], None], baudrate: int = 115200,
                  read_timeout_s: float = 0.05, open_port=open_serial,
                  backoff_min_s: float = 0.5, backoff_max_s: float = 5.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, path_poll_s: float = 0.1,
+                 settle_s: float = 0.2) -> None:
         super().__init__(name=f"{self.device}-worker", daemon=True)
         self.url = url
         self.sink = sink
@@ -55,6 +66,12 @@ class SerialWorker(threading.Thread):
         self._open_port = open_port
         self._backoff = (backoff_min_s, backoff_max_s)
         self._rng = rng or random.Random()
+        if not path_poll_s > 0 or settle_s < 0:
+            raise ValueError("path_poll_s must be > 0 and settle_s >= 0")
+        self._path_poll_s = path_poll_s
+        self._settle_s = settle_s
+        # Only a plain path can be watched; "://" marks a pyserial URL (see open_serial).
+        self._watch_path = None if "://" in url else url
         self.stopping = threading.Event()
         self.healthy = False
         self._faulted = False
@@ -75,8 +92,10 @@ class SerialWorker(threading.Thread):
             except Exception as exc:
                 self._close_port()
                 self._fault("gone" if isinstance(exc, (DeviceGone, OSError)) else "init_failed", exc)
-                self.stopping.wait(backoff_delay(attempt, *self._backoff, self._rng))
-                attempt += 1
+                if self._wait_retry(backoff_delay(attempt, *self._backoff, self._rng)):
+                    attempt = 0         # a device just appeared: a fresh backoff for it
+                else:
+                    attempt += 1
                 continue
             attempt = 0
             self.healthy = True
@@ -91,7 +110,27 @@ class SerialWorker(threading.Thread):
                 self.healthy = False
                 self._close_port()
             if not self.stopping.is_set():
-                self.stopping.wait(backoff_delay(0, *self._backoff, self._rng))
+                self._wait_retry(backoff_delay(0, *self._backoff, self._rng))
+
+    def _wait_retry(self, delay_s: float) -> bool:
+        """Wait ``delay_s`` before the next open, or less when the watched path appears.
+        Returns True when cut short by the path appearing; False after the full wait or stop."""
+        path = self._watch_path
+        if path is None:
+            self.stopping.wait(delay_s)
+            return False
+        deadline = time.monotonic() + delay_s
+        was_present = os.path.exists(path)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.stopping.wait(min(self._path_poll_s, remaining)):
+                return False
+            present = os.path.exists(path)
+            if present and not was_present:
+                log.info("%s: %s appeared, reopening", self.device, path)
+                self.stopping.wait(self._rng.uniform(0, self._settle_s))
+                return True
+            was_present = present
 
     def _close_port(self) -> None:
         port, self._port = self._port, None

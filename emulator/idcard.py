@@ -8,7 +8,7 @@ Card life cycle, as on real hardware (PROTOCOLS.md): a presented card answers ``
 ``select`` needs a found card; ``read`` needs a selected one. After a read, successful
 or not, the card is halted: ``find`` answers 80 until it is presented again.
 
-All sample data is synthetic: names ``TEST CITIZEN nn``, region code 99 (no such
+All sample data is synthetic: names ``TEST PERSON nnn``, region code 99 (no such
 province), serial numbers from a counter, correct check digits unless asked otherwise.
 """
 
@@ -101,7 +101,7 @@ class Card:
         today = today or dt.date.today()
         n = next(_serials)
         fields: dict = dict(
-            name=f"TEST CITIZEN {n:02d}",
+            name=f"TEST PERSON {n % 1000:03d}",  # 15 characters, the field's size
             gender="1" if n % 2 else "2",
             nation="01",
             birth_date=dt.date(1980, 1, 1) + dt.timedelta(days=37 * n),

@@ -263,8 +263,8 @@ def test_present_time_is_monotonic(emu):
 
 def test_synthetic_cards_are_plainly_synthetic(emu):
     card = Card.valid(today=TODAY)
-    assert card.name.startswith("TEST CITIZEN")
+    assert card.name.startswith("TEST PERSON")
     assert card.id_number.startswith("99")
-    assert "TEST CITIZEN" not in repr(card)
+    assert "TEST PERSON" not in repr(card)
     with pytest.raises(ValueError):
         emu.set_fault("melted")  # type: ignore[arg-type]

@@ -1,0 +1,255 @@
+"""``hallkiosk ops``: the hall-side monitor, its dashboard, remote commands and its benchmark.
+
+Subcommands (``add_parser(sub)`` registers them under ``ops``; ``cmd_ops(args)`` runs them):
+
+- ``ops run``: monitor + ticket ledger + ``/metrics`` + alerts, with the live dashboard on a
+  terminal (``--no-dashboard`` under systemd). Stops on SIGTERM/SIGINT.
+- ``ops status``: connect, gather the retained states for ``--wait-s``, print one frame of
+  the dashboard and exit 0 if every kiosk is online, 1 otherwise (for scripts and ssh).
+- ``ops cmd``: sign a remote command with the ``[commands]`` operator key, publish it and
+  wait for the kiosk's result.
+- ``ops bench``: the verify-throughput benchmark (emulator.bench_ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from hallkiosk.errors import ConfigError
+
+log = logging.getLogger("hallkiosk.ops")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``ops`` and its subcommands on the main parser's subparsers."""
+    from ops.config import DEFAULT_OPS_CONFIG
+    from ops.monitor import COMMANDS
+
+    ops = sub.add_parser("ops", help="hall operations: fleet monitor, dashboard, alerts, "
+                         "metrics, ticket ledger, remote commands")
+    osub = ops.add_subparsers(dest="ops_command", required=True, metavar="OPS_COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=DEFAULT_OPS_CONFIG)
+        p.add_argument("--log-level", default="info",
+                       choices=("debug", "info", "warning", "error"))
+
+    r = osub.add_parser("run", help="run the monitor (with the live dashboard on a terminal)")
+    common(r)
+    r.add_argument("--no-dashboard", action="store_true",
+                   help="no dashboard; log to stdout (what systemd runs)")
+    r.add_argument("--log-file", type=Path, default=None,
+                   help="where logs go while the dashboard owns the terminal "
+                        "(default: STATE_DIR/ops.log)")
+
+    s = osub.add_parser("status", help="print the fleet once and exit (1 if a kiosk is not "
+                        "online)")
+    common(s)
+    s.add_argument("--wait-s", type=float, default=3.0,
+                   help="how long to gather retained states and traffic")
+    s.add_argument("--width", type=int, default=80)
+
+    c = osub.add_parser("cmd", help="send a signed command to one kiosk and wait for its "
+                        "result")
+    common(c)
+    c.add_argument("--hall", required=True)
+    c.add_argument("--kiosk", required=True)
+    c.add_argument("name", choices=COMMANDS)
+    c.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="command argument (integers and true/false are typed)")
+    c.add_argument("--ttl-s", type=float, default=60.0)
+    c.add_argument("--wait-s", type=float, default=15.0)
+
+    b = osub.add_parser("bench", help="verified messages/s vs the raw Ed25519 verify rate")
+    b.add_argument("--out", default="bench-out")
+    b.add_argument("--messages", type=int, default=20000)
+    b.add_argument("--log-level", default="warning",
+                   choices=("debug", "info", "warning", "error"))
+    ops.set_defaults(func=cmd_ops)
+    return ops
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    from edge.logs import setup_logging
+
+    if args.ops_command == "bench":
+        from emulator.bench_ops import run_ops_bench
+
+        setup_logging(args.log_level)
+        figures = run_ops_bench(Path(args.out), messages=args.messages)
+        print(json.dumps(figures, indent=2))
+        return 0
+
+    from ops.config import load_ops_config
+
+    cfg = load_ops_config(args.config)
+    if args.ops_command == "run":
+        dashboard = not args.no_dashboard and sys.stdout.isatty()
+        if dashboard:
+            _log_to_file(args.log_file or cfg.state_dir / "ops.log", args.log_level)
+        else:
+            setup_logging(args.log_level)
+        return run_ops(cfg, dashboard=dashboard)
+    setup_logging("warning" if args.log_level == "info" else args.log_level)
+    if args.ops_command == "status":
+        return _status(cfg, args.wait_s, args.width)
+    if args.ops_command == "cmd":
+        return _command(cfg, args)
+    raise ConfigError(f"unknown ops command {args.ops_command!r}")
+
+
+def _log_to_file(path: Path, level: str) -> None:
+    from edge.logs import LogfmtFormatter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("hallkiosk.mqtt.paho").setLevel(logging.WARNING)
+
+
+# -- building the pieces from the config ---------------------------------------------------------
+def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = None) -> Any:
+    """Monitor (+ its ticket consumers) wired from an OpsConfig."""
+    from edge.keys import load_private_key
+    from ops.alerts import AlertEngine, AlertSink
+    from ops.config import load_inventory
+    from ops.consumer import TicketConsumer
+    from ops.fleet import Fleet
+    from ops.monitor import Monitor
+
+    inv = load_inventory(cfg.inventory)
+    consumers = []
+    if with_ledger and cfg.ledger.enabled and cfg.ledger.key is not None:
+        key = load_private_key(cfg.ledger.key)
+        for hall in cfg.halls:
+            # One ledger database per hall; instances on one host share it (WAL + BEGIN
+            # IMMEDIATE), which is what stops two instances both accepting one ticket.
+            state_dir = cfg.ledger.state_dir / hall if len(cfg.halls) > 1 else cfg.ledger.state_dir
+            consumers.append(TicketConsumer(
+                service_id=cfg.ledger.service_id, hall=hall, key=key, keyring=inv.keyring,
+                state_dir=state_dir, host=cfg.broker.host, port=cfg.broker.port,
+                group=cfg.ledger.group))
+    fleet = Fleet(heartbeat_timeout_s=cfg.fleet.heartbeat_timeout_s,
+                  gap_grace_s=cfg.fleet.gap_grace_s, track_gaps=cfg.share_group is None)
+    return Monitor(halls=cfg.halls, keyring=inv.keyring, host=cfg.broker.host,
+                   port=cfg.broker.port, instance=cfg.instance, share_group=cfg.share_group,
+                   workers=cfg.workers, fleet=fleet, alerts=AlertEngine(cfg.alerts),
+                   sink=AlertSink(), consumers=consumers, expected=inv.kiosks,
+                   tick_s=tick_s or cfg.tick_s, keepalive_s=cfg.broker.keepalive_s,
+                   reconnect_min_s=cfg.broker.reconnect_min_s,
+                   reconnect_max_s=cfg.broker.reconnect_max_s)
+
+
+def run_ops(cfg: Any, *, dashboard: bool, stop: threading.Event | None = None) -> int:
+    from ops.dashboard import run_live
+    from ops.metrics import MetricsServer, monitor_view
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    monitor = build_monitor(cfg)
+    metrics = None
+    monitor.start()
+    try:
+        if cfg.metrics.enabled:
+            metrics = MetricsServer(monitor_view(monitor), host=cfg.metrics.host,
+                                    port=cfg.metrics.port).start()
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
+        if dashboard:
+            run_live(lambda: (monitor.snapshot(), monitor.firing()), refresh_s=cfg.refresh_s,
+                     stop=stop)
+        else:
+            stop.wait()
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        monitor.stop()
+    return 0
+
+
+def _status(cfg: Any, wait_s: float, width: int) -> int:
+    from ops.dashboard import render
+
+    monitor = build_monitor(cfg, with_ledger=False)
+    monitor.start()
+    try:
+        if not monitor.wait_connected(min(10.0, max(1.0, wait_s))):
+            print(f"hallkiosk ops status: broker {cfg.broker.host}:{cfg.broker.port} "
+                  "unreachable", file=sys.stderr)
+            return 2
+        threading.Event().wait(wait_s)   # gathering retained states: a bounded, idle wait
+        monitor.tick()
+        kiosks = monitor.snapshot()
+        print(render(kiosks, width=width, alerts=monitor.firing()), end="")
+    finally:
+        monitor.stop()
+    return 0 if kiosks and all(k.online for k in kiosks) else 1
+
+
+def _parse_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--arg {text!r}: expected KEY=VALUE")
+    if value in ("true", "false"):
+        return key, value == "true"
+    try:
+        return key, int(value)
+    except ValueError:
+        return key, value
+
+
+def _command(cfg: Any, args: argparse.Namespace) -> int:
+    from edge.keys import load_private_key
+    from edge.store import KioskStore
+    from mqtt_topics.envelope import Signer
+    from ops.monitor import CommandIssuer
+
+    if cfg.commands is None:
+        raise ConfigError(f"{cfg.source}: [commands] sender_id and key are needed to sign "
+                          "commands")
+    key = load_private_key(cfg.commands.key)
+    seq = KioskStore(cfg.state_dir / f"{cfg.commands.sender_id}-seq.sqlite")
+    monitor = build_monitor(cfg, with_ledger=False)
+    done = threading.Event()
+    result: dict[str, Any] = {}
+    nonce: dict[str, str] = {}
+
+    def on_change(change: Any) -> None:
+        if (change.what == "cmd_result" and change.device == args.kiosk
+                and change.detail.get("nonce") == nonce.get("nonce")
+                and change.detail.get("status") in ("done", "failed", "refused")):
+            result.update(change.detail)
+            done.set()
+
+    monitor.on_change = on_change
+    try:
+        signer = Signer(key, sender=cfg.commands.sender_id, boot_id=secrets.token_hex(16),
+                        next_seq=seq.next_seq)
+        monitor.start()
+        if not monitor.wait_connected(10):
+            print("hallkiosk ops cmd: broker unreachable", file=sys.stderr)
+            return 2
+        body = monitor.send_command(CommandIssuer(signer), args.hall, args.kiosk, args.name,
+                                    dict(_parse_arg(a) for a in args.arg), ttl_s=args.ttl_s)
+        nonce["nonce"] = body["nonce"]
+        if not done.wait(args.wait_s):
+            print(f"{args.kiosk}: no result within {args.wait_s:g} s (nonce {body['nonce']})")
+            return 1
+        print(f"{args.kiosk}: {result.get('status')}"
+              + (f" ({result['reason']})" if result.get("reason") else ""))
+        return 0 if result.get("status") == "done" else 1
+    finally:
+        monitor.stop()
+        seq.close()

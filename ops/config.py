@@ -1,0 +1,505 @@
+"""ops.toml: the hall-side monitor's configuration, and the key inventory it verifies against.
+
+Read once, validated into frozen dataclasses; every problem is collected and raised together
+in one ConfigError whose ``problems`` read ``file: key.path: message``, with the nearest
+valid key suggested for a misspelt one (the agent's config does the same). Relative paths
+are resolved against the file's directory. Units live in key names (``*_s`` seconds).
+
+Layout (every section optional except ``[ops]``)::
+
+    [ops]
+    instance = "ops-1"                 # id of this monitor instance (MQTT client id prefix)
+    halls = ["citizen-home"]           # 1-64 hall ids watched
+    state_dir = "/var/lib/hallkiosk-ops"
+    share_group = ""                   # "" = see everything; an id = split telemetry, events,
+                                       # tickets and command results with the other instances
+                                       # of that group (gap detection is then off)
+    workers = 2                        # verify threads (Ed25519 verify releases the GIL)
+    tick_s = 1.0                       # heartbeat, gap and alert evaluation period
+
+    [broker]                           # host, port, keepalive_s, reconnect_min_s, reconnect_max_s
+
+    [keys]
+    inventory = "inventory.toml"       # the keys of the halls' kiosks and services (below)
+
+    [ledger]                           # the ticket consumer this monitor hosts
+    enabled = true
+    service_id = "ledger"              # its sender id: one per instance, each with its own key
+    key = "ledger.key"                 # PEM Ed25519 private key, chmod 600
+    group = "consumers"                # shared subscription group of all ledger instances
+    state_dir = "ledger"               # ledger.sqlite lives here: instances on one host share it
+
+    [fleet]
+    heartbeat_timeout_s = 90           # 0 turns the heartbeat off
+    gap_grace_s = 10
+
+    [metrics]
+    enabled = true
+    host = "127.0.0.1"
+    port = 9478
+
+    [commands]                         # optional: who signs remote commands (role operator)
+    sender_id = "operator-1"
+    key = "operator.key"
+
+    [dashboard]
+    refresh_s = 1.0
+
+    [[alerts]]                         # none listed: ops.alerts.DEFAULT_RULES
+    name = "kiosk_offline"
+    kind = "offline"                   # see ops.alerts for kinds and their figures
+    severity = "critical"
+    after_s = 60
+
+Inventory (``[keys] inventory``)::
+
+    [[kiosk]]
+    hall = "citizen-home"
+    device = "k07"
+    public_key = "base64 of the raw 32-byte Ed25519 public key"
+
+    [[service]]
+    owner = "ledger"
+    roles = ["consumer"]
+    public_key = "..."
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hallkiosk.errors import ConfigError, ContractError
+from mqtt_topics.envelope import Keyring
+from ops.alerts import DEFAULT_RULES, KINDS, SEVERITIES, AlertRule
+
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,31}")
+_ID_RULE = "1-32 of A-Z a-z 0-9 _ -, not starting with -"
+_ROLES = ("kiosk", "consumer", "operator", "ops")
+DEFAULT_OPS_CONFIG = Path("/etc/hallkiosk/ops.toml")
+
+
+# -- the result --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    host: str
+    port: int
+    keepalive_s: int
+    reconnect_min_s: float
+    reconnect_max_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    """The hosted ticket consumer. ``key`` is None when ``enabled`` is false."""
+
+    enabled: bool
+    service_id: str
+    key: Path | None
+    group: str
+    state_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSettings:
+    heartbeat_timeout_s: float | None
+    gap_grace_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    enabled: bool
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSettings:
+    """The operator identity ``hallkiosk ops cmd`` signs with (None: commands disabled)."""
+
+    sender_id: str
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class OpsConfig:
+    source: Path
+    instance: str
+    halls: tuple[str, ...]
+    state_dir: Path
+    share_group: str | None
+    workers: int
+    tick_s: float
+    broker: BrokerSettings
+    inventory: Path
+    ledger: LedgerSettings
+    fleet: FleetSettings
+    metrics: MetricsSettings
+    refresh_s: float
+    alerts: tuple[AlertRule, ...]
+    commands: CommandSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """The keys the monitor trusts, and which kiosks each hall should have."""
+
+    keyring: Keyring
+    kiosks: tuple[tuple[str, str], ...]
+
+
+# -- a small collecting validator ----------------------------------------------------------------
+class _Problems:
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{self.source}: {path}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            if len(self.items) == 1:
+                raise ConfigError(self.items[0], self.items)
+            raise ConfigError(f"{self.source}: {len(self.items)} problems:\n"
+                              + "\n".join(f"  {p}" for p in self.items), self.items)
+
+
+def _found(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"
+
+
+_MISSING = object()
+
+
+class _Table:
+    """One table under validation: typed getters that record problems and return None."""
+
+    def __init__(self, p: _Problems, path: str, data: Any, keys: tuple[str, ...]) -> None:
+        self.p, self.path = p, path
+        self.data = data if isinstance(data, dict) else {}
+        for key in self.data:
+            if key not in keys:
+                near = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
+                hint = f", did you mean '{near[0]}'?" if near else f" (valid: {', '.join(keys)})"
+                p.add(self.at(key), f"unknown key '{key}'{hint}")
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.p.add(self.at(key), "required key missing")
+                return None
+            return default
+        return value
+
+    def ident(self, key: str, default: Any = _MISSING, *, empty_ok: bool = False) -> str | None:
+        value = self._get(key, default)
+        if value is None or (empty_ok and value == ""):
+            return value
+        if not isinstance(value, str) or not _ID.fullmatch(value):
+            self.p.add(self.at(key), f"expected an id ({_ID_RULE}), found {_found(value)}")
+            return None
+        return value
+
+    def text(self, key: str, default: Any = _MISSING, max_len: int = 253) -> str | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip() or len(value) > max_len:
+            self.p.add(self.at(key), f"expected 1-{max_len} characters, found {_found(value)}")
+            return None
+        return value
+
+    def integer(self, key: str, default: Any, lo: int, hi: int) -> int | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.p.add(self.at(key), f"expected an integer in {lo}..{hi}, found {_found(value)}")
+            return None
+        return value
+
+    def seconds(self, key: str, default: Any, lo: float, hi: float) -> float | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not lo <= value <= hi):
+            self.p.add(self.at(key), f"expected seconds in {lo:g}..{hi:g}, found {_found(value)}")
+            return None
+        return float(value)
+
+    def boolean(self, key: str, default: Any) -> bool | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            self.p.add(self.at(key), f"expected true or false, found {_found(value)}")
+            return None
+        return value
+
+    def choice(self, key: str, default: Any, choices: tuple[str, ...]) -> str | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+            hint = f", did you mean '{near[0]}'?" if near else ""
+            self.p.add(self.at(key), f"unknown value {_found(value)}{hint} "
+                                     f"(one of: {', '.join(choices)})")
+            return None
+        return value
+
+    def path(self, key: str, default: Any = _MISSING) -> Path | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            self.p.add(self.at(key), f"expected a file path, found {_found(value)}")
+            return None
+        return self.p.base_dir / value
+
+    def table(self, key: str, keys: tuple[str, ...], *, required: bool = False) -> _Table:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            if required:
+                self.p.add(self.at(key), "required section missing")
+            value = {}
+        elif not isinstance(value, dict):
+            self.p.add(self.at(key), f"expected a table, found {_found(value)}")
+            value = {}
+        return _Table(self.p, self.at(key), value, keys)
+
+    def tables(self, key: str) -> list[tuple[str, dict]]:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list):
+            self.p.add(self.at(key), f"expected an array of tables ([[{key}]]), "
+                                     f"found {_found(value)}")
+            return []
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, dict):
+                out.append((f"{self.at(key)}[{i}]", item))
+            else:
+                self.p.add(f"{self.at(key)}[{i}]", f"expected a table, found {_found(item)}")
+        return out
+
+
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (bad byte at offset {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+# -- ops.toml ---------------------------------------------------------------------------------
+_TOP = ("ops", "broker", "keys", "ledger", "fleet", "metrics", "dashboard", "alerts",
+        "commands")
+_ALERT_KEYS = ("name", "kind", "severity", "after_s", "threshold", "max_age_s", "window_s",
+               "level")
+
+
+def load_ops_config(path: str | os.PathLike[str] = DEFAULT_OPS_CONFIG) -> OpsConfig:
+    """Read and validate ops.toml; ConfigError lists every problem found."""
+    path = Path(path)
+    return parse_ops_config(_read_toml(path, "ops config"), source=str(path),
+                            base_dir=path.absolute().parent)
+
+
+def parse_ops_config(data: dict, *, source: str, base_dir: Path) -> OpsConfig:
+    p = _Problems(source, Path(base_dir))
+    top = _Table(p, "", data, _TOP)
+    ops = top.table("ops", ("instance", "halls", "state_dir", "share_group", "workers",
+                            "tick_s"), required=True)
+    instance = ops.ident("instance")
+    halls = _halls(ops)
+    state_dir = ops.path("state_dir", Path("/var/lib/hallkiosk-ops"))
+    share_group = ops.ident("share_group", "", empty_ok=True)
+    workers = ops.integer("workers", 2, 1, 64)
+    tick_s = ops.seconds("tick_s", 1.0, 0.05, 60)
+
+    b = top.table("broker", ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s"))
+    broker = BrokerSettings(b.text("host", "127.0.0.1") or "", b.integer("port", 1883, 1, 65535) or 0,
+                            b.integer("keepalive_s", 30, 5, 3600) or 0,
+                            b.seconds("reconnect_min_s", 0.5, 0.01, 3600) or 0.0,
+                            b.seconds("reconnect_max_s", 30.0, 0.01, 3600) or 0.0)
+    if broker.reconnect_min_s > broker.reconnect_max_s > 0:
+        p.add("broker.reconnect_min_s", "must not exceed reconnect_max_s")
+
+    inventory = top.table("keys", ("inventory",), required=True).path("inventory")
+
+    lg = top.table("ledger", ("enabled", "service_id", "key", "group", "state_dir"))
+    enabled = lg.boolean("enabled", True)
+    ledger = LedgerSettings(
+        enabled=bool(enabled),
+        service_id=lg.ident("service_id", "ledger") or "",
+        key=lg.path("key") if enabled else lg.path("key", None),
+        group=lg.ident("group", "consumers") or "",
+        state_dir=lg.path("state_dir", (state_dir or Path(".")) / "ledger") or Path("."))
+
+    f = top.table("fleet", ("heartbeat_timeout_s", "gap_grace_s"))
+    heartbeat = f.seconds("heartbeat_timeout_s", 90.0, 0, 86400)
+    fleet = FleetSettings(heartbeat or None, f.seconds("gap_grace_s", 10.0, 0, 3600) or 0.0)
+
+    m = top.table("metrics", ("enabled", "host", "port"))
+    metrics = MetricsSettings(bool(m.boolean("enabled", True)), m.text("host", "127.0.0.1") or "",
+                              m.integer("port", 9478, 0, 65535) or 0)
+    refresh_s = top.table("dashboard", ("refresh_s",)).seconds("refresh_s", 1.0, 0.1, 60)
+    alerts = _alerts(top, p)
+    cm = top.table("commands", ("sender_id", "key"))
+    commands = None
+    if cm.data:
+        sender_id, key = cm.ident("sender_id"), cm.path("key")
+        if sender_id is not None and key is not None:
+            commands = CommandSettings(sender_id, key)
+    p.raise_if_any()
+    return OpsConfig(source=Path(source), instance=instance, halls=halls, state_dir=state_dir,
+                     share_group=share_group or None, workers=workers, tick_s=tick_s,
+                     broker=broker, inventory=inventory, ledger=ledger, fleet=fleet,
+                     metrics=metrics, refresh_s=refresh_s, alerts=alerts, commands=commands)
+
+
+def _halls(ops: _Table) -> tuple[str, ...]:
+    value = ops.data.get("halls", _MISSING)
+    if value is _MISSING:
+        ops.p.add(ops.at("halls"), "required key missing")
+        return ()
+    if not isinstance(value, list) or not 1 <= len(value) <= 64:
+        ops.p.add(ops.at("halls"), f"expected an array of 1-64 hall ids, found {_found(value)}")
+        return ()
+    halls = []
+    for i, hall in enumerate(value):
+        if not isinstance(hall, str) or not _ID.fullmatch(hall):
+            ops.p.add(f"{ops.at('halls')}[{i}]", f"expected a hall id ({_ID_RULE}), "
+                                                 f"found {_found(hall)}")
+        elif hall in halls:
+            ops.p.add(f"{ops.at('halls')}[{i}]", f"hall {hall!r} listed twice")
+        else:
+            halls.append(hall)
+    return tuple(halls)
+
+
+def _alerts(top: _Table, p: _Problems) -> tuple[AlertRule, ...]:
+    items = top.tables("alerts")
+    if not items:
+        return DEFAULT_RULES
+    rules: list[AlertRule] = []
+    names: set[str] = set()
+    for path, item in items:
+        t = _Table(p, path, item, _ALERT_KEYS)
+        name = t.ident("name")
+        kind = t.choice("kind", _MISSING, KINDS)
+        severity = t.choice("severity", "warning", SEVERITIES)
+        after_s = t.seconds("after_s", 0.0, 0, 86400)
+        threshold = t.integer("threshold", None, 0, 2**53 - 1)
+        max_age_s = t.seconds("max_age_s", None, 0, 30 * 86400)
+        window_s = t.seconds("window_s", 300.0, 1, 7 * 86400)
+        level = t.choice("level", "out", ("out", "near_end"))
+        if name is not None and name in names:
+            p.add(t.at("name"), f"rule name {name!r} used twice")
+            continue
+        if None in (name, kind, severity, after_s, window_s, level):
+            continue
+        names.add(name)
+        try:
+            rules.append(AlertRule(name, kind, severity, after_s, threshold, max_age_s, window_s,
+                                   level))
+        except ConfigError as exc:
+            p.add(path, str(exc))
+    return tuple(rules)
+
+
+# -- the inventory ------------------------------------------------------------------------------
+def load_inventory(path: str | os.PathLike[str]) -> Inventory:
+    """Read the inventory into a Keyring (kiosk keys with role ``kiosk``; services with
+    theirs) and the list of (hall, device) every monitor should expect to see."""
+    path = Path(path)
+    data = _read_toml(path, "key inventory")
+    p = _Problems(str(path), path.absolute().parent)
+    top = _Table(p, "", data, ("kiosk", "service"))
+    keyring = Keyring()
+    kiosks: list[tuple[str, str]] = []
+    for where, item in top.tables("kiosk"):
+        t = _Table(p, where, item, ("hall", "device", "public_key"))
+        hall, device, key = t.ident("hall"), t.ident("device"), _public_key(t)
+        if None in (hall, device, key):
+            continue
+        if (hall, device) in kiosks:
+            p.add(where, f"kiosk {device!r} of hall {hall!r} listed twice")
+            continue
+        _trust(p, where, keyring, key, device, ("kiosk",))
+        kiosks.append((hall, device))
+    for where, item in top.tables("service"):
+        t = _Table(p, where, item, ("owner", "roles", "public_key"))
+        owner, key = t.ident("owner"), _public_key(t)
+        roles = item.get("roles")
+        if not isinstance(roles, list) or not roles or any(r not in _ROLES for r in roles):
+            p.add(t.at("roles"), f"expected a non-empty array of roles ({', '.join(_ROLES)})")
+            continue
+        if None in (owner, key):
+            continue
+        _trust(p, where, keyring, key, owner, tuple(roles))
+    p.raise_if_any()
+    return Inventory(keyring, tuple(kiosks))
+
+
+def _public_key(t: _Table) -> bytes | None:
+    text = t.text("public_key", max_len=128)
+    if text is None:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        t.p.add(t.at("public_key"), "not valid base64")
+        return None
+    if len(raw) != 32:
+        t.p.add(t.at("public_key"), f"decodes to {len(raw)} bytes; an Ed25519 public key is 32")
+        return None
+    return raw
+
+
+def _trust(p: _Problems, where: str, keyring: Keyring, key: bytes, owner: str,
+           roles: tuple[str, ...]) -> None:
+    try:
+        keyring.add(key, owner=owner, roles=roles)
+    except ContractError as exc:
+        p.add(where, str(exc))
+
+
+__all__ = ["BrokerSettings", "CommandSettings", "DEFAULT_OPS_CONFIG", "FleetSettings", "Inventory",
+           "LedgerSettings", "MetricsSettings", "OpsConfig", "load_inventory",
+           "load_ops_config", "parse_ops_config"]

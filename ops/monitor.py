@@ -1,0 +1,315 @@
+"""The ops monitor: subscribes to halls, verifies every message, feeds the fleet and alerts.
+
+Threads and who owns what:
+
+- the MQTT link thread (edge.mqtt.MqttLink) only routes each message to a verify worker's
+  queue, chosen by the topic's device, so one kiosk's messages stay in order;
+- ``workers`` verify threads run ``envelope.verify`` (Ed25519 verify releases the GIL, so
+  two workers overlap one message's signature check with the next one's JSON work) and
+  fold the result into the Fleet under ``self.lock``;
+- one tick thread, every ``tick_s``: heartbeats, gaps confirmed lost, alert evaluation;
+  alerts are emitted outside the lock.
+
+Subscriptions, per hall: ``hall/{h}/kiosk/+/state`` always as a plain subscription (retained
+states are never sent to shared subscriptions, and every instance needs every kiosk's
+birth and will); telemetry, events, tickets and command results plain too, or as
+``$share/{share_group}/...`` when instances split the load (each instance then sees a part
+of each kiosk's sequence, so gap detection is off). State is verified WITHOUT the replay
+tracker (docs/mqtt-contract.md section 3); everything else with it.
+
+The hall's ticket consumers (ops.consumer.TicketConsumer, group ``consumers``) run next to
+the monitor when given; they keep their own link and their own verification (their
+shared subscription is what splits the tickets between instances, and the ledger they share
+is what stops two instances from both accepting one ticket).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge.clock import SYSTEM_CLOCK, Clock
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink
+from hallkiosk.errors import ContractError, HallkioskError
+from mqtt_topics.envelope import Keyring, SequenceTracker, Signer, Verified, verify
+from mqtt_topics.topics import ROLE_FOR_KIND, HallTopics, KioskTopics, parse_topic
+from ops.alerts import Alert, AlertEngine, AlertSink
+from ops.fleet import Change, Fleet, KioskSnapshot, Rejection
+
+log = logging.getLogger("hallkiosk.ops.monitor")
+
+#: Kinds a monitor subscribes to (kiosk -> hall). ``state`` is handled apart (never shared).
+WATCHED_KINDS = ("telemetry", "event", "ticket", "cmd_result")
+#: Commands an operator can send; the kiosk side (edge.commands) must know the same names.
+COMMANDS = ("out_of_service", "in_service", "reprint_last", "reload_config",
+            "collect_diagnostics", "restart_agent")
+#: Changes worth a log line as they happen (alerts add their own lines).
+_LOGGED = {"status": logging.INFO, "fault": logging.WARNING, "recovered": logging.INFO,
+           "bad_signature": logging.WARNING, "lost": logging.INFO, "seen": logging.INFO,
+           "replay": logging.INFO, "malformed": logging.WARNING}
+
+
+class MonitorError(HallkioskError, RuntimeError):
+    """The monitor was used wrongly (e.g. a command to a kiosk of a hall it does not watch)."""
+
+
+@dataclass
+class MonitorStats:
+    """Counters since start (read under ``Monitor.lock``)."""
+
+    received: int = 0
+    verified: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: {"signature": 0, "replay": 0,
+                                                               "malformed": 0})
+    by_kind: dict[str, int] = field(default_factory=dict)
+    connected: bool = False
+    link_downs: int = 0
+
+
+def subscriptions(halls: Iterable[str], share_group: str | None = None
+                  ) -> tuple[tuple[str, int], ...]:
+    """The (filter, qos) pairs of a monitor watching ``halls``."""
+    subs: list[tuple[str, int]] = []
+    for hall in halls:
+        topics = HallTopics(hall)
+        subs.append((topics.all_state, 1))
+        for kind in WATCHED_KINDS:
+            flt = topics.all_of(kind)
+            subs.append((topics.shared(share_group, flt) if share_group else flt, 1))
+    return tuple(subs)
+
+
+class Monitor:
+    """Verifies the traffic of ``halls`` into ``self.fleet``.
+
+    ``keyring`` holds every kiosk key (role ``kiosk``); ``expected`` lists (hall, device)
+    pairs from the inventory, shown as ``unknown`` until they speak. ``sink`` receives alert
+    transitions. ``consumers`` are started and stopped with the monitor.
+    ``link_factory`` builds the MQTT link (tests and the benchmark may pass their own).
+    """
+
+    def __init__(self, *, halls: Sequence[str], keyring: Keyring, host: str = "127.0.0.1",
+                 port: int = 1883, instance: str = "ops", share_group: str | None = None,
+                 workers: int = 1, fleet: Fleet | None = None, alerts: AlertEngine | None = None,
+                 sink: AlertSink | None = None, consumers: Sequence[Any] = (),
+                 expected: Iterable[tuple[str, str]] = (), clock: Clock = SYSTEM_CLOCK,
+                 tick_s: float = 1.0, keepalive_s: int = 30, reconnect_min_s: float = 0.5,
+                 reconnect_max_s: float = 30.0,
+                 link_factory: Callable[..., Any] = MqttLink) -> None:
+        if not halls:
+            raise MonitorError("a monitor needs at least one hall")
+        if workers < 1:
+            raise MonitorError("a monitor needs at least one verify worker")
+        self.halls = tuple(halls)
+        self.keyring = keyring
+        self.clock = clock
+        self.share_group = share_group
+        self.fleet = fleet or Fleet(clock=clock, track_gaps=share_group is None)
+        self.alerts = alerts or AlertEngine(clock=clock)
+        self.sink = sink or AlertSink()
+        self.consumers = tuple(consumers)
+        self.tracker = SequenceTracker()
+        self.stats = MonitorStats()
+        self.lock = threading.Lock()
+        self.tick_s = tick_s
+        self.on_change: Callable[[Change], None] | None = None
+        for hall, device in expected:
+            if hall in self.halls:
+                self.fleet.expect(hall, device)
+        self._queues: list[queue.SimpleQueue[LinkMessage | None]] = [
+            queue.SimpleQueue() for _ in range(workers)]
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self.link = link_factory(
+            client_id=f"{instance}-{secrets.token_hex(3)}" if share_group else f"{instance}-mon",
+            host=host, port=port, sink=self._route, keepalive_s=keepalive_s,
+            subscriptions=subscriptions(self.halls, share_group),
+            reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s,
+            name=f"{instance}-monitor")
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> Monitor:
+        for i, q in enumerate(self._queues):
+            t = threading.Thread(target=self._work, args=(q,), name=f"verify-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        ticker = threading.Thread(target=self._tick_loop, name="ops-tick", daemon=True)
+        ticker.start()
+        self._threads.append(ticker)
+        for consumer in self.consumers:
+            consumer.start()
+        self.link.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.link.stop()
+        for consumer in self.consumers:
+            consumer.stop()
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(5)
+        self._threads.clear()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the link thread: route only ------------------------------------------------------------
+    def _route(self, ev: object) -> None:
+        if isinstance(ev, LinkMessage):
+            # hall/{h}/kiosk/{d}/...: the device picks the worker, so a kiosk stays in order.
+            levels = ev.topic.split("/", 4)
+            device = levels[3] if len(levels) > 3 else ""
+            self._queues[hash(device) % len(self._queues)].put(ev)
+        elif isinstance(ev, LinkUp):
+            self.stats.connected = True
+            self._connected.set()
+            log.info("monitor connected (halls %s, share group %s)", ",".join(self.halls),
+                     self.share_group or "none")
+        elif isinstance(ev, LinkDown):
+            self.stats.connected = False
+            self.stats.link_downs += 1
+            self._connected.clear()
+            log.warning("monitor link down: %s", ev.reason)
+
+    # -- verify workers -----------------------------------------------------------------------
+    def _work(self, q: queue.SimpleQueue[LinkMessage | None]) -> None:
+        while True:
+            ev = q.get()
+            if ev is None:
+                return
+            try:
+                self.handle(ev.topic, ev.payload, retained=ev.retain)
+            except Exception:  # one message must never stop a worker
+                log.exception("monitor failed on a message")
+
+    def handle(self, topic: str, payload: bytes, *, retained: bool = False
+               ) -> Verified | Rejection:
+        """Verify one message and fold it into the fleet (thread-safe; what workers run)."""
+        try:
+            kind = parse_topic(topic).kind
+            if kind == "state":
+                result: Verified | Rejection = verify(payload, topic, self.keyring,
+                                                      expect_type="state", require_role="kiosk")
+            else:
+                result = verify(payload, topic, self.keyring, tracker=self.tracker,
+                                require_role=ROLE_FOR_KIND[kind])
+        except ContractError as exc:
+            result = Rejection.from_error(topic, exc)
+        with self.lock:
+            self.stats.received += 1
+            if isinstance(result, Rejection):
+                self.stats.rejected[result.reason] = self.stats.rejected.get(result.reason, 0) + 1
+                changes = self.fleet.reject(result)
+            else:
+                self.stats.verified += 1
+                self.stats.by_kind[result.msg_type] = self.stats.by_kind.get(result.msg_type, 0) + 1
+                changes = self.fleet.apply(result, retained=retained)
+            if changes:
+                self.alerts.observe(changes)
+        if isinstance(result, Rejection) and not changes:
+            log.warning("rejected a message on %s: %s (%s)", result.topic, result.reason,
+                        result.message)
+        for change in changes:
+            self._log_change(change)
+        return result
+
+    def _log_change(self, c: Change) -> None:
+        level = _LOGGED.get(c.what)
+        if level is not None and log.isEnabledFor(level):
+            detail = " ".join(f"{k}={v}" for k, v in c.detail.items())
+            log.log(level, "kiosk %s/%s %s %s", c.hall, c.device, c.what, detail)
+        if self.on_change is not None:
+            try:
+                self.on_change(c)
+            except Exception:
+                log.exception("on_change hook failed")
+
+    # -- time -------------------------------------------------------------------------------------
+    def tick(self) -> list[Alert]:
+        """Apply the clock (heartbeats, lost gaps), evaluate alerts, emit them."""
+        with self.lock:
+            changes = self.fleet.tick()
+            self.alerts.observe(changes)
+            fired = self.alerts.evaluate(self.fleet.snapshot())
+        for change in changes:
+            self._log_change(change)
+        self.sink.emit_all(fired)
+        return fired
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("monitor tick failed")
+
+    # -- reading ----------------------------------------------------------------------------------
+    def snapshot(self, hall: str | None = None) -> list[KioskSnapshot]:
+        with self.lock:
+            return self.fleet.snapshot(hall)
+
+    def firing(self) -> list[Alert]:
+        with self.lock:
+            return self.alerts.firing
+
+    def stats_copy(self) -> dict[str, Any]:
+        with self.lock:
+            s = self.stats
+            return {"received": s.received, "verified": s.verified, "rejected": dict(s.rejected),
+                    "by_kind": dict(s.by_kind), "connected": s.connected,
+                    "link_downs": s.link_downs,
+                    "queued": sum(q.qsize() for q in self._queues),
+                    "unattributed": dict(self.fleet.unattributed)}
+
+    # -- commands ---------------------------------------------------------------------------------
+    def send_command(self, issuer: CommandIssuer, hall: str, device: str, name: str,
+                     args: dict[str, Any] | None = None, *, ttl_s: float = 60.0) -> dict[str, Any]:
+        """Seal a command with ``issuer`` and publish it on the kiosk's cmd topic (QoS 1)."""
+        if hall not in self.halls:
+            raise MonitorError(f"hall {hall!r} is not watched by this monitor")
+        topic, payload, body = issuer.seal(hall, device, name, args or {}, ttl_s=ttl_s)
+        self.link.publish(topic, payload, qos=1)
+        return body
+
+
+class CommandIssuer:
+    """Builds signed ``cmd`` envelopes for an operator identity (key role ``operator``).
+
+    ``signer`` is the operator's Signer (its own sender id, key, boot and durable seq).
+    The kiosk answers on ``.../cmd/result`` with the command's nonce; the fleet keeps the
+    last result per kiosk.
+    """
+
+    def __init__(self, signer: Signer, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.signer = signer
+        self.clock = clock
+
+    def seal(self, hall: str, device: str, name: str, args: dict[str, Any], *,
+             ttl_s: float = 60.0) -> tuple[str, bytes, dict[str, Any]]:
+        if name not in COMMANDS:
+            raise MonitorError(f"unknown command {name!r} (one of {', '.join(COMMANDS)})")
+        if not 1 <= ttl_s <= 3600:
+            raise MonitorError("command ttl must be 1-3600 s")
+        topic = KioskTopics(hall, device).cmd
+        body = {"name": name, "args": dict(args), "target": device,
+                "nonce": secrets.token_urlsafe(18),
+                "expires_at_ms": int((self.clock.wall() + ttl_s) * 1000)}
+        return topic, self.signer.seal(topic, "cmd", body), body
+
+
+__all__ = ["COMMANDS", "CommandIssuer", "Monitor", "MonitorError", "MonitorStats",
+           "WATCHED_KINDS", "subscriptions"]
