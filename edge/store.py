@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge.clock import SYSTEM_CLOCK, Clock
-from hallkiosk.errors import StateError
+from hallkiosk.errors import HallkioskError, StateError
 
 __all__ = [
     "KioskStore",
@@ -56,6 +56,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+class CodeAlreadyUsed(HallkioskError, ValueError):
+    """A single-use code (appointment QR) that already produced a ticket."""
+
 
 #: ``PRAGMA user_version`` this module writes; a larger one is refused.
 SCHEMA_VERSION = 1
@@ -97,6 +101,10 @@ _SCHEMA_V1 = (
     "CREATE TABLE issue_log (serial INTEGER PRIMARY KEY, service TEXT NOT NULL,"
     " created_at_ms INTEGER NOT NULL)",
     "CREATE INDEX issue_log_by_service ON issue_log (service, created_at_ms)",
+    # Single-use codes (appointment QR ids) already turned into a ticket, kept until the
+    # code's own expiry so a screenshot of a used code is refused for as long as it is valid.
+    "CREATE TABLE used_codes (code_id TEXT PRIMARY KEY, expires_at_ms INTEGER NOT NULL)"
+    " WITHOUT ROWID",
 )
 _TICKET_COLUMNS = (
     "uid, ticket_id, service, body, created_at_ms, serial, printed, attempts, last_sent_at_ms"
@@ -429,6 +437,8 @@ class KioskStore:
         service: str,
         prefix: str,
         make_body: Callable[[TicketNumber], dict[str, Any]],
+        *,
+        claim: tuple[str, int] | None = None,
     ) -> OutboxEntry:
         """Allocate a ticket number and commit the ticket to the outbox, in one transaction.
 
@@ -437,6 +447,11 @@ class KioskStore:
         ``"ticket_uid"`` (use ``ticket.uid(device)``), which keys the outbox entry. If it
         raises, nothing is allocated. On return the ticket is fsynced: print or publish
         it only after this returns.
+
+        ``claim=(code_id, expires_at_ms)`` marks a single-use code (an appointment) used in
+        the same transaction: a code already used raises :class:`CodeAlreadyUsed` and
+        allocates nothing, so one appointment can never yield two tickets, even across a
+        power cut between the two writes.
         """
         _check_label("service", service)
         _check_label("prefix", prefix)
@@ -444,6 +459,14 @@ class KioskStore:
             self._live()
             now_ms = self._now_ms()
             with self._write("commit ticket") as conn:
+                if claim is not None:
+                    code_id, expires_at_ms = claim
+                    conn.execute("DELETE FROM used_codes WHERE expires_at_ms < ?", (now_ms,))
+                    if conn.execute("SELECT 1 FROM used_codes WHERE code_id = ?",
+                                    (code_id,)).fetchone():
+                        raise CodeAlreadyUsed(f"code {code_id} was already used for a ticket")
+                    conn.execute("INSERT INTO used_codes (code_id, expires_at_ms) VALUES (?, ?)",
+                                 (code_id, int(expires_at_ms)))
                 row = conn.execute(
                     "SELECT number FROM counters WHERE service = ?", (service,)
                 ).fetchone()
@@ -563,6 +586,12 @@ class KioskStore:
             (uid,),
         )
         return self._entry(rows[0]) if rows else None
+
+    def code_used(self, code_id: str, now_ms: int) -> bool:
+        """True when ``code_id`` already produced a ticket and has not expired yet."""
+        rows = self._read("code used", "SELECT expires_at_ms FROM used_codes WHERE code_id = ?",
+                          (code_id,))
+        return bool(rows) and rows[0][0] >= now_ms
 
     def depth(self) -> int:
         """Number of pending outbox entries."""

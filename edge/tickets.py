@@ -43,6 +43,7 @@ class IssueRequest:
     source: str                      # "idcard" | "qr" | "button"
     priority: str = "normal"         # "normal" | "appointment"
     appointment_id: str | None = None
+    appointment_expires_ms: int | None = None   # single-use until then (see store.claim)
 
 
 class TicketDesk:
@@ -78,7 +79,10 @@ class TicketDesk:
                 "source": req.source, "printed": "unknown",
             }
 
-        entry = self.store.commit_ticket(req.service, self.prefix, make_body)
+        claim = None
+        if req.appointment_id is not None:
+            claim = (req.appointment_id, req.appointment_expires_ms or now_ms)
+        entry = self.store.commit_ticket(req.service, self.prefix, make_body, claim=claim)
         crash_point("after_commit")
         failure = self._print(entry, req, waiting, now_ms, trusted)
         crash_point("after_print")

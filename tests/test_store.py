@@ -477,3 +477,19 @@ def test_ticket_uid_follows_the_mqtt_contract() -> None:
     for bad in ("", "-lead", "a:b", "a/b", "x" * 33):
         with pytest.raises(ValueError):
             ticket.uid(bad)
+
+
+def test_a_claimed_code_yields_one_ticket_only(store: KioskStore) -> None:
+    from edge.store import CodeAlreadyUsed
+
+    def body(t):
+        return {"ticket_uid": t.uid("k07"), "n": t.number}
+
+    store.commit_ticket("A", "07", body, claim=("appt-1", 2_000_000_000_000))
+    assert store.code_used("appt-1", 1_900_000_000_000)
+    with pytest.raises(CodeAlreadyUsed):
+        store.commit_ticket("A", "07", body, claim=("appt-1", 2_000_000_000_000))
+    assert store.depth() == 1                 # the refused claim allocated nothing
+    nxt = store.commit_ticket("A", "07", body, claim=("appt-2", 2_000_000_000_000))
+    assert nxt.ticket_id == "A-07-0002"
+    assert not store.code_used("appt-1", 2_100_000_000_000)   # expired: forgotten
