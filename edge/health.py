@@ -40,8 +40,8 @@ from edge.mqtt import LinkDown, LinkMessage, LinkUp, PublishDone
 # Component names are the device names workers put in DeviceFault / DeviceRecovered.
 READER = "idcard-reader"
 PRINTER = "ticket-printer"
-QR_SCANNER = "qr-scanner"
-CAMERA = "camera"
+QR_SCANNER = "qr-scanner"    # edge.qr.scanner.QrScannerWorker.device
+CAMERA = "qr-camera"      # edge.qr.worker.QrCameraWorker.device
 BROKER = "broker"
 STORE = "store"
 CLOCK = "clock"
