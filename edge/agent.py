@@ -2,57 +2,64 @@
 
 One thread owns all state: this loop. Device threads and library callbacks only put events
 on ``self.events``; the loop waits on that queue with a timeout equal to the next deadline
-(session timeout, ack resend), so an idle kiosk sleeps. No busy polling anywhere.
+(session timeout, ack resend, printer poll, watchdog, link probe), so an idle kiosk sleeps.
+No busy polling anywhere.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import json
 import logging
 import queue
 import secrets
 import signal
 import threading
-import time
+from dataclasses import dataclass
+from pathlib import Path
 
+from edge.citizens import CitizenDesk
 from edge.clock import SYSTEM_CLOCK, Clock
-from edge.config import AgentConfig
+from edge.config import AgentConfig, load_config
 from edge.events import ButtonPressed, CardRead, DeviceFault, DeviceRecovered, Stop
 from edge.gpio import Indication, ServicePanel, make_pin_factory
+from edge.health import BROKER, CLOCK, PRINTER, READER, STORE, Health, PollSchedule, printer_level
 from edge.idcard_worker import CardUnreadable, IdCardWorker
 from edge.keys import load_private_key, load_secret, public_from_raw
 from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, PublishDone, Will
 from edge.printing import PrinterHandle
 from edge.publisher import Publisher
-from edge.session import Phase, SessionMachine
+from edge.sdnotify import Notifier
+from edge.session import SessionMachine
+from edge.status import KioskStatus
 from edge.store import KioskStore
-from edge.tickets import IssueRequest, OutboxSender, TicketDesk
+from edge.tickets import OutboxSender, TicketDesk
 from edge.timecheck import clock_trusted
-from hallkiosk import __version__
-from hallkiosk.errors import CardError, DeviceError
+from hallkiosk.errors import ConfigError, StateError
 from mqtt_topics.envelope import Keyring, Signer
 from mqtt_topics.topics import KioskTopics
 
 log = logging.getLogger("hallkiosk.agent")
 
-#: How often an idle kiosk asks its printer for status (three one-byte exchanges).
-PRINTER_CHECK_S = 30.0
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """SIGHUP: reread the config file."""
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, clock: Clock = SYSTEM_CLOCK, pin_factory=None,
-                 on_ready=None) -> None:
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.events: queue.Queue[object] = queue.Queue()
         self.boot_id = secrets.token_hex(16)
         self.topics = KioskTopics(cfg.kiosk.hall, cfg.kiosk.device_id)
-        self._stopping = threading.Event()
-        self._on_ready = on_ready
-        self._session_no = 0
+        self.notifier = notifier or Notifier.from_env(unset=True)
         self.ready = threading.Event()
+        self.next_config: AgentConfig | None = None     # set when a reload was accepted
+        self._stopping = threading.Event()
         self._printer_flags: frozenset[str] = frozenset()
-        self._next_printer_check = 0.0
+        ua = cfg.unattended
 
         self.secret = load_secret(cfg.hall.citizen_hash_secret_file)
         key = load_private_key(cfg.keys.device_key)
@@ -64,63 +71,82 @@ class Agent:
             self.keyring.add(public_from_raw(t.public_key), owner=t.owner, roles=(t.role,))
 
         b = cfg.broker
-        self.link = MqttLink(client_id=b.client_id or cfg.kiosk.device_id, host=b.host, port=b.port,
+        self.link = MqttLink(client_id=b.client_id, host=b.host, port=b.port,
                              sink=self.events.put, keepalive_s=b.keepalive_s,
                              reconnect_min_s=b.reconnect_min_s, reconnect_max_s=b.reconnect_max_s,
                              subscriptions=((self.topics.ticket_ack, 1),),
                              make_will=self._make_will, name=cfg.kiosk.device_id)
         self.publisher = Publisher(self.link, self.signer, self.topics)
+        self.health = Health((READER, PRINTER, BROKER, STORE, CLOCK), clock=clock,
+                             loop_stall_s=ua.loop_stall_s,
+                             link_probe_interval_s=ua.link_probe_interval_s,
+                             link_probe_timeout_s=ua.link_probe_timeout_s)
+        self.poll = PollSchedule(ok_interval_s=ua.printer_check_s,
+                                 down_interval_s=ua.printer_recheck_s, clock=clock)
+        categories = tuple(s.category for s in cfg.services)
+        self.status = KioskStatus(health=self.health, notifier=self.notifier,
+                                  publisher=self.publisher, categories=categories,
+                                  direct_to=ua.direct_to, clock=clock, on_mode=self._on_mode)
         self.printer = PrinterHandle(cfg.printer.port, timeout_s=cfg.printer.timeout_s,
                                      encoding=cfg.printer.encoding, clock=clock)
-        self.desk = TicketDesk(store=self.store, device=cfg.kiosk.device_id,
-                               prefix=cfg.kiosk.number_prefix, hall_name=cfg.hall.name,
-                               printer_call=self.printer.print_ticket, clock=clock,
-                               clock_trusted=(clock_trusted if cfg.clock.trust == "kernel"
-                                              else lambda: True))
+        self._trusted = clock_trusted if cfg.clock.trust == "kernel" else (lambda: True)
+        desk = TicketDesk(store=self.store, device=cfg.kiosk.device_id,
+                          prefix=cfg.kiosk.number_prefix, hall_name=cfg.hall.name,
+                          printer_call=self.printer.print_ticket, clock=clock,
+                          clock_trusted=self._trusted)
         self.sender = OutboxSender(store=self.store, publisher=self.publisher,
                                    keyring=self.keyring, clock=clock)
-        self.machine = SessionMachine(tuple(s.category for s in cfg.services),
-                                      choose_timeout_s=cfg.session.choose_timeout_s, clock=clock)
+        self.machine = SessionMachine(categories, choose_timeout_s=cfg.session.choose_timeout_s,
+                                      clock=clock)
         board = cfg.board
         used = {s.button for s in cfg.services}
         factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.gpio.pin_factory)
         self.panel = ServicePanel({r: p for r, p in board.service_buttons.items() if r in used},
                                   {r: p for r, p in board.service_leds.items() if r in used},
                                   board.status_led, sink=self.events.put, pin_factory=factory)
+        self.citizens = CitizenDesk(cfg=cfg, machine=self.machine, desk=desk, sender=self.sender,
+                                    publisher=self.publisher, panel=self.panel,
+                                    printer=self.printer, secret=self.secret, clock=clock,
+                                    mode=lambda: self.status.mode, on_printer=self._on_printer)
         self.reader = IdCardWorker(cfg.reader.port, sink=self.events.put,
                                    poll_interval_s=cfg.reader.poll_interval_s,
                                    timeout_s=cfg.reader.timeout_s, clock=clock)
 
     # -- birth and death ------------------------------------------------------------------
-    def _state_body(self, status: str, reason: str | None = None) -> dict:
-        return {"status": status, "session": self._session_no, "agent_version": __version__,
-                "since_ms": int(self.clock.wall() * 1000), "reason": reason,
-                "services": [s.category for s in self.cfg.services] if status == "online" else []}
-
     def _make_will(self) -> Will:
         """On the link thread, before each new connection: the death certificate for it."""
-        self._session_no = self.store.session_counter()
-        body = self._state_body("offline", "connection lost")
-        return Will(self.topics.state, self.signer.seal(self.topics.state, "state", body))
+        self.status.session_no = self.store.session_counter()
+        payload = self.signer.seal(self.topics.state, "state",
+                                   self.status.state_body(offline_reason="connection lost"))
+        self.status.will_seq = json.loads(payload)["seq"]
+        return Will(self.topics.state, payload)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self.reader.start()
         self.link.start()
-        self.panel.show(Indication.READY)
+        self.health.watch_thread("idcard-worker", self.reader.is_alive)
+        self.health.watch_thread("mqtt-link", lambda: self.link.alive)
+        self.health.loop_tick()
+        self.citizens.show_idle()
         self.ready.set()
+        self.notifier.ready(self.status.status_line())
         log.info("ready device=%s hall=%s boot=%s outbox=%d", self.cfg.kiosk.device_id,
                  self.cfg.kiosk.hall, self.boot_id, self.store.depth())
-        if self._on_ready is not None:
-            self._on_ready()
 
     def stop(self, reason: str = "requested") -> None:
         self.events.put(Stop(reason))
 
-    def run(self, *, install_signals: bool = False) -> None:
+    def reload(self) -> None:
+        self.events.put(Reload())
+
+    def run(self, *, install_signals: bool = False) -> AgentConfig | None:
+        """Run until stopped. Returns the new config when a SIGHUP reload was accepted
+        (the caller builds a fresh Agent from it), None on a stop."""
         if install_signals:
             signal.signal(signal.SIGTERM, lambda *_: self.stop("SIGTERM"))
             signal.signal(signal.SIGINT, lambda *_: self.stop("SIGINT"))
+            signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.start()
         try:
             while not self._stopping.is_set():
@@ -133,71 +159,78 @@ class Agent:
                 self._tick()
         finally:
             self._shutdown()
+        return self.next_config
 
     def _timeout(self) -> float | None:
-        deadlines = [d for d in (self.machine.next_deadline(), self.sender.next_deadline(),
-                                 self._next_printer_check) if d is not None]
-        if not deadlines:
-            return None
+        deadlines = [d for d in (self.citizens.next_deadline(), self.sender.next_deadline(),
+                                 self.poll.next_deadline()) if d is not None]
+        deadlines += self.status.deadlines()
+        # The watchdog's liveness check wants a turn at least every loop_stall_s / 2.
+        deadlines.append(self.clock.monotonic() + self.cfg.unattended.loop_stall_s / 2)
         return max(0.0, min(deadlines) - self.clock.monotonic())
 
     def _tick(self) -> None:
-        if self.machine.expire():
-            self.panel.show(Indication.READY)
-            self.publisher.event("session_timeout", "info", "session")
-        self.sender.tick()
-        if self.clock.monotonic() >= self._next_printer_check:
-            self._check_printer()
-
-    def _check_printer(self) -> None:
-        """Ask the printer how it is while idle, so ops hear of paper out before a citizen."""
-        self._next_printer_check = self.clock.monotonic() + PRINTER_CHECK_S
+        self.citizens.tick()
         try:
-            self._note_printer(self.printer.status())
-        except DeviceError as exc:
-            self._note_printer_error(exc)
-
-    def _note_printer(self, status) -> None:
-        """Publish each printer flag the moment it appears or clears (not at the next poll)."""
-        flags = frozenset(status.faults) | frozenset(status.warnings)
-        if "unreachable" in self._printer_flags:
-            self.publisher.event("device_recovered", "info", "ticket-printer")
-        for flag in sorted(flags - self._printer_flags):
-            severity = "fault" if flag in status.faults else "warning"
-            self.publisher.event(f"printer_{flag}", severity, "ticket-printer")
-        for flag in sorted(self._printer_flags - flags - {"unreachable"}):
-            self.publisher.event(f"printer_{flag}_cleared", "info", "ticket-printer")
-        self._printer_flags = flags
-
-    def _note_printer_error(self, exc: DeviceError) -> None:
-        if "unreachable" not in self._printer_flags:
-            self.publisher.event("device_fault", "fault", "ticket-printer",
-                                 fault=type(exc).__name__, detail=str(exc))
-        self._printer_flags = frozenset({"unreachable"})
+            self.sender.tick()
+        except StateError as exc:
+            self._store_failed(exc)
+        if self.poll.due():
+            self._check_printer()
+        changed = (self.health.ok(CLOCK) if self._trusted()
+                   else self.health.degraded(CLOCK, "not synchronised"))
+        if changed:
+            self.status.refresh()
+        self.status.tick()
 
     def _shutdown(self) -> None:
+        """SIGTERM: no new citizens, the ticket in progress is already done (the loop is
+        single-threaded), flush the outbox, say offline, close devices."""
+        reloading = self.next_config is not None
+        self.citizens.accepting = False
+        if not reloading:
+            self.notifier.stopping("stopping")
+        self.citizens.end_session("agent stopping")
         self.reader.stop()
-        if self.machine.phase is not Phase.IDLE:
-            self.machine.end()
-        try:
-            self.publisher.send(self.topics.state, "state",
-                                self._state_body("offline", "agent stopped"), qos=1, retain=True)
-        except Exception:
+        self._drain_acks(min(3.0, self.cfg.unattended.stop_timeout_s / 2))
+        if not reloading and not self.status.publish_offline("agent stopped"):
             log.info("offline state not published (broker unreachable)")
         self.link.stop()
         self.panel.close()
         self.printer.close()
         self.store.close()
-        log.info("stopped")
+        log.info("stopped (outbox kept for the next start)" if not reloading else "reloading")
+
+    def _drain_acks(self, budget_s: float) -> None:
+        """Send what is unacknowledged and give acks a moment to arrive before leaving."""
+        if not self.link.connected or self.store.depth() == 0:
+            return
+        self.sender.flush()
+        deadline = self.clock.monotonic() + budget_s
+        while self.store.depth() and self.clock.monotonic() < deadline:
+            try:
+                ev = self.events.get(timeout=max(0.0, deadline - self.clock.monotonic()))
+            except queue.Empty:
+                break
+            if isinstance(ev, LinkMessage) and ev.topic == self.topics.ticket_ack:
+                self.sender.on_ack(ev.payload, ev.topic)
 
     # -- events --------------------------------------------------------------------------------
     def _handle(self, ev: object) -> None:
+        if self.health.apply(ev):
+            self.status.refresh()
+        try:
+            self._dispatch(ev)
+        except StateError as exc:
+            # The durable store failed (disk full, SD card dying): no ticket can be committed,
+            # so the kiosk goes out of service instead of crashing in a restart loop.
+            self._store_failed(exc)
+
+    def _dispatch(self, ev: object) -> None:
         if isinstance(ev, CardRead):
-            self._on_card(ev)
+            self.citizens.on_card(ev.card)
         elif isinstance(ev, ButtonPressed):
-            svc = self.cfg.service_by_button(ev.role)
-            if svc is not None and self.machine.choose(svc.category):
-                self._issue()
+            self.citizens.on_button(ev.role)
         elif isinstance(ev, LinkMessage):
             if ev.topic == self.topics.ticket_ack:
                 self.sender.on_ack(ev.payload, ev.topic)
@@ -213,63 +246,93 @@ class Agent:
             self.publisher.event("device_fault", "fault", ev.device, fault=ev.fault, detail=ev.detail)
         elif isinstance(ev, DeviceRecovered):
             self.publisher.event("device_recovered", "info", ev.device)
+        elif isinstance(ev, Reload):
+            self._reload()
         elif isinstance(ev, Stop):
             log.info("stopping: %s", ev.reason)
             self._stopping.set()
 
     def _on_link_up(self, ev: LinkUp) -> None:
-        log.info("broker link up session=%d session_present=%s", self._session_no, ev.session_present)
-        try:
-            self.publisher.send(self.topics.state, "state", self._state_body("online"), qos=1, retain=True)
-        except Exception:
-            log.warning("birth message not published", exc_info=True)
+        log.info("broker link up session=%d session_present=%s", self.status.session_no,
+                 ev.session_present)
+        self.status.refresh(force_publish=True)          # birth: the retained state
         sent = self.sender.flush()
         if sent:
             log.info("re-sent %d unacknowledged tickets", sent)
         self.publisher.flush_events()
 
-    def _on_card(self, ev: CardRead) -> None:
-        card = ev.card
-        try:
-            card.validate(dt.date.fromtimestamp(self.clock.wall()))
-        except CardError as exc:
-            card.wipe()
-            self.publisher.event("card_rejected", "info", "idcard-reader", reason=str(exc))
-            return
-        citizen = card.identity_hash(self.secret)
-        phase = self.machine.begin("idcard", citizen, card)
-        if phase is Phase.ISSUING:
-            self._issue()
-        elif phase is Phase.CHOOSING:
-            buttons = tuple(s.button for s in self.cfg.services)
-            self.panel.show(Indication.CHOOSE, buttons)
+    def _on_mode(self, mode) -> None:
+        if not mode.offers_tickets:
+            self.citizens.end_session(mode.reason or "out of service")
+        self.citizens.show_idle()
 
-    def _issue(self) -> None:
-        session = self.machine.session
-        if session is None or session.service is None:
-            return
-        svc = self.cfg.service(session.service)
-        self.panel.show(Indication.ISSUING, (svc.button,))
+    def _reload(self) -> None:
+        self.notifier.reloading()
         try:
-            status = self.printer.status()
-            self._note_printer(status)
-            if not status.ok_to_print:
-                self.publisher.event("ticket_refused", "warning", "ticket-printer",
-                                     reason="printer not ready: " + ",".join(status.faults))
-                return
-            entry, failure = self.desk.issue(IssueRequest(
-                service=svc.category, service_name=svc.name, citizen=session.citizen,
-                source=session.source))
-            if self.printer.last_status is not None:
-                self._note_printer(self.printer.last_status)
-            if failure:
-                self.publisher.event("print_failed", "fault", "ticket-printer", ticket=entry.ticket_id,
-                                     reason=failure)
-            self.sender.send(entry)
-            log.info("ticket %s issued (printed=%s)", entry.ticket_id, failure is None)
-        except DeviceError as exc:
-            self._note_printer_error(exc)
-            self.publisher.event("ticket_refused", "warning", "ticket-printer", reason=str(exc))
-        finally:
-            self.machine.end()
-            self.panel.show(Indication.READY)
+            new = load_config(self.cfg.source)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config reload refused: %s", problem)
+            self.publisher.event("config_reload_refused", "warning", "config",
+                                 problems=len(exc.problems), first=exc.problems[0])
+            self.notifier.ready(self.status.status_line())
+            return
+        if new.digest == self.cfg.digest:
+            log.info("config reload: unchanged")
+            self.notifier.ready(self.status.status_line())
+            return
+        log.info("config reload accepted (digest %s): restarting the agent's parts", new.digest[:12])
+        self.publisher.event("config_reloaded", "info", "config", digest=new.digest[:16])
+        self.next_config = new
+        self._stopping.set()
+
+    # -- the printer ------------------------------------------------------------------------------
+    def _check_printer(self) -> None:
+        try:
+            self._on_printer(self.printer.status(), None)
+        except Exception as exc:  # DeviceError, or a driver bug: the printer is then down
+            self._on_printer(None, exc)
+
+    def _on_printer(self, status, error: BaseException | None) -> None:
+        """Every printer answer (or silence) ends here: health, poll schedule, events."""
+        level, reason = printer_level(status, error)
+        self.poll.polled(level)
+        if error is not None:
+            if "unreachable" not in self._printer_flags:
+                self.publisher.event("device_fault", "fault", PRINTER,
+                                     fault=type(error).__name__, detail=str(error))
+            flags = frozenset({"unreachable"})
+        else:
+            flags = frozenset(status.faults) | frozenset(status.warnings)
+            if "unreachable" in self._printer_flags:
+                self.publisher.event("device_recovered", "info", PRINTER)
+            for flag in sorted(flags - self._printer_flags):
+                sev = "fault" if flag in status.faults else "warning"
+                self.publisher.event(f"printer_{flag}", sev, PRINTER)
+            for flag in sorted(self._printer_flags - flags - {"unreachable"}):
+                self.publisher.event(f"printer_{flag}_cleared", "info", PRINTER)
+        self._printer_flags = flags
+        if self.health.report(PRINTER, level, reason):
+            self.status.refresh()
+
+    def _store_failed(self, exc: StateError) -> None:
+        log.error("kiosk store failed: %s", exc)
+        if self.health.down(STORE, "unusable"):
+            self.status.refresh()
+
+
+def run_agent(config_path: Path, *, pin_factory=None, install_signals: bool = False,
+              on_agent=None) -> int:
+    """Build and run agents until stopped; a SIGHUP reload builds a fresh one from the new
+    config in the same process (same PID for systemd, one notifier)."""
+    notifier = Notifier.from_env(unset=True)
+    cfg = load_config(config_path)
+    while cfg is not None:
+        agent = Agent(cfg, pin_factory=pin_factory, notifier=notifier)
+        if on_agent is not None:
+            on_agent(agent)
+        new = agent.run(install_signals=install_signals)
+        if new is not None:
+            notifier.ready(agent.status.status_line())
+        cfg = new
+    return 0

@@ -143,6 +143,21 @@ class ClockConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UnattendedConfig:
+    """Unattended operation (docs/unattended.md): what citizens are told when this kiosk
+    offers no ticket, the watchdog's health thresholds, the printer's poll intervals and the
+    time SIGTERM may take."""
+
+    direct_to: str
+    loop_stall_s: float
+    link_probe_interval_s: float
+    link_probe_timeout_s: float
+    printer_check_s: float
+    printer_recheck_s: float
+    stop_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class SessionConfig:
     """Citizen session timing: back to idle after ``choose_timeout_s`` without a choice."""
 
@@ -173,6 +188,7 @@ class AgentConfig:
     gpio: GpioConfig
     session: SessionConfig
     clock: ClockConfig
+    unattended: UnattendedConfig
     services: tuple[ServiceConfig, ...]
     board: BoardProfile
 
@@ -427,7 +443,10 @@ class _Table:
 
 _KIOSK_KEYS = ("device_id", "hall", "number_prefix", "board", "state_dir")
 _BROKER_KEYS = ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s", "client_id")
-_TOP = ("kiosk", "hall", "broker", "keys", "devices", "gpio", "session", "clock", "services")
+_TOP = ("kiosk", "hall", "broker", "keys", "devices", "gpio", "session", "clock", "unattended",
+        "services")
+_UNATTENDED_KEYS = ("direct_to", "loop_stall_s", "link_probe_interval_s", "link_probe_timeout_s",
+                    "printer_check_s", "printer_recheck_s", "stop_timeout_s")
 CLOCK_TRUST = ("kernel", "assume_synced")
 
 
@@ -457,15 +476,17 @@ class _Validator:
         gpio = self._gpio(top.table("gpio", ("pin_factory",)), board)
         session = self._session(top.table("session", ("choose_timeout_s",)))
         clock = top.table("clock", ("trust",)).choice("trust", "kernel", CLOCK_TRUST)
+        unattended = self._unattended(top.table("unattended", _UNATTENDED_KEYS), broker)
         services = self._services(top, board)
         self._ports(reader, printer, board)
-        parts = (kiosk, board, hall, broker, keys, reader, printer, gpio, session, services, clock)
+        parts = (kiosk, board, hall, broker, keys, reader, printer, gpio, session, services, clock,
+                 unattended)
         if self.problems or any(part is None for part in parts):
             return None
         return AgentConfig(source=Path(self.source), digest=digest, kiosk=kiosk, hall=hall,
                            broker=broker, keys=keys, reader=reader, printer=printer, gpio=gpio,
                            session=session, services=services, board=board,
-                           clock=ClockConfig(clock))
+                           clock=ClockConfig(clock), unattended=unattended)
 
     def _kiosk(self, t: _Table) -> tuple[KioskConfig | None, BoardProfile | None]:
         device_id = t.string("device_id", pattern=_ID, rule=_ID_RULE)
@@ -642,6 +663,26 @@ class _Validator:
                                           f"(use one of: {', '.join(board.pin_factories)})")
             return None
         return GpioConfig(factory)
+
+    def _unattended(self, t: _Table, broker: BrokerConfig | None) -> UnattendedConfig | None:
+        direct_to = t.string("direct_to", "Please use another kiosk", max_len=200)
+        stall = t.seconds("loop_stall_s", 10.0, 1, 60)
+        probe_every = t.seconds("link_probe_interval_s", 60.0, 5, 3600)
+        probe_timeout = t.seconds("link_probe_timeout_s", 90.0, 5, 7200)
+        check = t.seconds("printer_check_s", 30.0, 1, 3600)
+        recheck = t.seconds("printer_recheck_s", 2.0, 0.5, 60)
+        stop = t.seconds("stop_timeout_s", 10.0, 1, 15)
+        if probe_timeout is not None and broker is not None \
+                and probe_timeout <= 1.5 * broker.keepalive_s:
+            # Below that, a healthy link that is merely waiting for its keepalive would be
+            # taken for a wedged one and the watchdog would restart a working agent.
+            self.add(t.at("link_probe_timeout_s"),
+                     f"must be more than 1.5 x broker.keepalive_s ({1.5 * broker.keepalive_s:g} s)")
+            return None
+        values = (direct_to, stall, probe_every, probe_timeout, check, recheck, stop)
+        if any(v is None for v in values):
+            return None
+        return UnattendedConfig(*values)
 
     def _session(self, t: _Table) -> SessionConfig | None:
         timeout = t.seconds("choose_timeout_s", 20.0, 1, 300)

@@ -160,6 +160,11 @@ class MqttLink:
                 pass
 
     @property
+    def alive(self) -> bool:
+        """The link thread runs (watched by the health model: a dead thread means restart)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 

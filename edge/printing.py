@@ -47,6 +47,8 @@ class PrinterHandle:
                 log.debug("printer port close failed", exc_info=True)
 
     def print_ticket(self, layout: TicketLayout) -> PrinterStatus:
+        # No retry here: a write that failed half way may have printed; the caller records
+        # the ticket as printed "unknown" rather than risk a second paper.
         try:
             self.last_status = self._driver().print_ticket(layout)
             return self.last_status
@@ -55,6 +57,18 @@ class PrinterHandle:
             raise
 
     def status(self) -> PrinterStatus:
+        """Ask the printer; after an unplug and replug the old port is dead, so a DeviceGone
+        on a port opened earlier is retried once on a freshly opened one (status queries are
+        harmless to repeat, and the citizen's ticket must not pay for a stale handle)."""
+        fresh = self._printer is None
+        try:
+            return self._query()
+        except DeviceGone:
+            if fresh:
+                raise
+        return self._query()
+
+    def _query(self) -> PrinterStatus:
         try:
             self.last_status = self._driver().status()
             return self.last_status

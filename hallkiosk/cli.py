@@ -15,14 +15,11 @@ from hallkiosk.errors import HallkioskError
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from edge.agent import Agent
-    from edge.config import load_config
+    from edge.agent import run_agent
     from edge.logs import setup_logging
 
     setup_logging(args.log_level)
-    cfg = load_config(args.config)
-    Agent(cfg).run(install_signals=True)
-    return 0
+    return run_agent(args.config, install_signals=True)
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -170,7 +170,7 @@ def _event_names(rec) -> list[str]:
 
 
 def test_paper_near_end_is_reported_at_once_and_paper_out_refuses(hall):
-    rec = Recorder(hall.broker, HallTopics(hall.hall_id).all_events)
+    rec = Recorder(hall.broker, f"hall/{hall.hall_id}/#")
     kiosk = hall.add_kiosk("k13", services=(("A", "Citizen card", "A"),))
     agent = kiosk.start_agent()
     wait_for(lambda: agent.link.connected, what="agent connected")
@@ -180,18 +180,27 @@ def test_paper_near_end_is_reported_at_once_and_paper_out_refuses(hall):
     assert kiosk.printer.wait_for_tickets(1, 10)            # near end still prints
     wait_for(lambda: "printer_paper_near_end" in _event_names(rec), what="near-end event")
 
-    kiosk.printer.set_paper("out")
+    kiosk.printer.set_paper("out")                          # noticed by the printer poll
+    wait_for(lambda: "printer_paper_out" in _event_names(rec), what="paper-out event")
+    wait_for(lambda: _last_state(rec)["status"] == "out_of_service", what="out of service state")
+    assert _last_state(rec)["extra"]["direct_to"]
     kiosk.reader.present(Card.valid())
-    wait_for(lambda: "ticket_refused" in _event_names(rec), what="refusal event")
+    wait_for(lambda: "citizen_refused" in _event_names(rec), what="refusal event")
     assert len(kiosk.printer.tickets) == 1
     assert agent.store.last_ticket().ticket_id == "A-01-0001"   # nothing committed for it
 
-    kiosk.printer.set_paper("ok")
+    kiosk.printer.set_paper("ok")                           # refilled: back by itself
+    wait_for(lambda: _last_state(rec)["status"] == "online", what="back online")
+    assert "printer_paper_out_cleared" in _event_names(rec)
     kiosk.reader.present(Card.valid())
     assert kiosk.printer.wait_for_tickets(2, 10)
     assert "A-01-0002" in kiosk.printer.tickets[1].text       # numbering carries on
-    wait_for(lambda: "printer_paper_out_cleared" in _event_names(rec), what="recovery event")
     rec.close()
+
+
+def _last_state(rec) -> dict:
+    states = rec.of_kind("/state")
+    return json.loads(states[-1].payload)["body"] if states else {"status": None}
 
 
 def test_silent_printer_is_a_fault_never_ok(hall):
@@ -201,7 +210,7 @@ def test_silent_printer_is_a_fault_never_ok(hall):
     wait_for(lambda: agent.link.connected, what="agent connected")
     kiosk.printer.set_silent(True)
     kiosk.reader.present(Card.valid())
-    wait_for(lambda: "ticket_refused" in _event_names(rec), what="refusal")
-    assert "device_fault" in _event_names(rec)
+    wait_for(lambda: "device_fault" in _event_names(rec), what="printer fault event")
+    wait_for(lambda: {"ticket_refused", "citizen_refused"} & set(_event_names(rec)), what="refusal")
     assert agent.store.depth() == 0 and kiosk.printer.tickets == []
     rec.close()
