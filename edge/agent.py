@@ -25,9 +25,11 @@ from edge.gpio import Indication, ServicePanel, make_pin_factory
 from edge.health import BROKER, CLOCK, PRINTER, READER, STORE, Health, PollSchedule, printer_level
 from edge.idcard_worker import CardUnreadable, IdCardWorker
 from edge.keys import load_private_key, load_secret, public_from_raw
-from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, PublishDone, Will
+from edge.commands import CommandGate, Refusal
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, PublishDone, Will
 from edge.printing import PrinterHandle
 from edge.publisher import Publisher
+from edge.remote import RemoteCommands
 from edge.sdnotify import Notifier
 from edge.session import SessionMachine
 from edge.status import KioskStatus
@@ -69,13 +71,18 @@ class Agent:
         self.keyring = Keyring()
         for t in cfg.keys.trusted:
             self.keyring.add(public_from_raw(t.public_key), owner=t.owner, roles=(t.role,))
+        tls = self._load_tls(cfg)
+        self.gate = CommandGate(cfg.kiosk.device_id, self.keyring, clock, cfg.commands.window_s,
+                                hall=cfg.kiosk.hall,
+                                nonce_file=cfg.kiosk.state_dir / "cmd-nonces.json")
+        self.remote = RemoteCommands(self)
 
         b = cfg.broker
         self.link = MqttLink(client_id=b.client_id, host=b.host, port=b.port,
                              sink=self.events.put, keepalive_s=b.keepalive_s,
                              reconnect_min_s=b.reconnect_min_s, reconnect_max_s=b.reconnect_max_s,
-                             subscriptions=((self.topics.ticket_ack, 1),),
-                             make_will=self._make_will, name=cfg.kiosk.device_id)
+                             subscriptions=((self.topics.ticket_ack, 1), (self.topics.cmd, 1)),
+                             make_will=self._make_will, tls=tls, name=cfg.kiosk.device_id)
         self.publisher = Publisher(self.link, self.signer, self.topics)
         self.health = Health((READER, PRINTER, BROKER, STORE, CLOCK), clock=clock,
                              loop_stall_s=ua.loop_stall_s,
@@ -111,6 +118,22 @@ class Agent:
         self.reader = IdCardWorker(cfg.reader.port, sink=self.events.put,
                                    poll_interval_s=cfg.reader.poll_interval_s,
                                    timeout_s=cfg.reader.timeout_s, clock=clock)
+
+    def _load_tls(self, cfg: AgentConfig):
+        """mTLS settings, and the hall services' keys from their certificates (chain + CRL
+        checked). Provisioning is imported only on kiosks that use it."""
+        if cfg.tls is None:
+            return None
+        from edge.tls import check_tls
+        from provisioning.trust import keyring_from_certs
+
+        t = cfg.tls
+        checked = check_tls(t.ca_file, t.cert_file, cfg.keys.device_key, crl_file=t.crl_file,
+                            device_id=cfg.kiosk.device_id, warn_days=t.warn_days, clock=self.clock)
+        if t.trusted_certs is not None:
+            keyring_from_certs(t.ca_file, [t.trusted_certs], t.crl_file, clock=self.clock,
+                               roles=("consumer", "ops"), keyring=self.keyring)
+        return checked.settings
 
     # -- birth and death ------------------------------------------------------------------
     def _make_will(self) -> Will:
@@ -234,6 +257,8 @@ class Agent:
         elif isinstance(ev, LinkMessage):
             if ev.topic == self.topics.ticket_ack:
                 self.sender.on_ack(ev.payload, ev.topic)
+            elif ev.topic == self.topics.cmd:
+                self._on_command(ev.payload, ev.topic)
         elif isinstance(ev, PublishDone):
             self.sender.on_publish_done(ev.mid, ev.ok, ev.reason)
         elif isinstance(ev, LinkUp):
@@ -260,6 +285,27 @@ class Agent:
         if sent:
             log.info("re-sent %d unacknowledged tickets", sent)
         self.publisher.flush_events()
+
+    def _on_command(self, payload: bytes, topic: str) -> None:
+        """Answer every command: refused (with the gate's reason and an event), or accepted
+        then done / failed."""
+        outcome = self.gate.check(payload, topic)
+        if isinstance(outcome, Refusal):
+            self._answer(self.gate.result_body(outcome))
+            self.publisher.event("command_refused", "warning", "cmd", **self.gate.refusal_event(outcome))
+            return
+        log.info("command %s from %s accepted", outcome.name, outcome.sender)
+        self._answer(self.gate.result_body(outcome))
+        status, reason, detail = self.remote.run(outcome)
+        self._answer(self.gate.result_body(outcome, status=status, reason=reason, detail=detail))
+
+    def _answer(self, body: dict | None) -> None:
+        if body is None:
+            return
+        try:
+            self.publisher.send(self.topics.cmd_result, "cmd_result", body, qos=1)
+        except NotConnected:
+            log.info("command result not sent: broker unreachable")
 
     def _on_mode(self, mode) -> None:
         if not mode.offers_tickets:

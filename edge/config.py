@@ -143,6 +143,26 @@ class ClockConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """mTLS to the hall broker (files from the provisioning bundle, docs/provisioning.md).
+    ``trusted_certs`` holds the hall services' certificates (consumer, ops, booking) whose
+    keys the kiosk accepts signatures from, checked against ``ca_file`` and ``crl_file``."""
+
+    ca_file: Path
+    cert_file: Path
+    crl_file: Path | None
+    trusted_certs: Path | None
+    warn_days: float
+
+
+@dataclass(frozen=True, slots=True)
+class CommandsConfig:
+    """Signed ops commands: how far ahead a command may expire (its replay window)."""
+
+    window_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class UnattendedConfig:
     """Unattended operation (docs/unattended.md): what citizens are told when this kiosk
     offers no ticket, the watchdog's health thresholds, the printer's poll intervals and the
@@ -189,6 +209,8 @@ class AgentConfig:
     session: SessionConfig
     clock: ClockConfig
     unattended: UnattendedConfig
+    tls: TlsConfig | None
+    commands: CommandsConfig
     services: tuple[ServiceConfig, ...]
     board: BoardProfile
 
@@ -443,8 +465,9 @@ class _Table:
 
 _KIOSK_KEYS = ("device_id", "hall", "number_prefix", "board", "state_dir")
 _BROKER_KEYS = ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s", "client_id")
-_TOP = ("kiosk", "hall", "broker", "keys", "devices", "gpio", "session", "clock", "unattended",
-        "services")
+_TOP = ("kiosk", "hall", "broker", "keys", "tls", "commands", "devices", "gpio", "session",
+        "clock", "unattended", "services")
+_TLS_KEYS = ("ca_file", "cert_file", "crl_file", "trusted_certs", "warn_days")
 _UNATTENDED_KEYS = ("direct_to", "loop_stall_s", "link_probe_interval_s", "link_probe_timeout_s",
                     "printer_check_s", "printer_recheck_s", "stop_timeout_s")
 CLOCK_TRUST = ("kernel", "assume_synced")
@@ -477,16 +500,19 @@ class _Validator:
         session = self._session(top.table("session", ("choose_timeout_s",)))
         clock = top.table("clock", ("trust",)).choice("trust", "kernel", CLOCK_TRUST)
         unattended = self._unattended(top.table("unattended", _UNATTENDED_KEYS), broker)
+        tls = self._tls(top, top.table("tls", _TLS_KEYS))
+        window = top.table("commands", ("window_s",)).seconds("window_s", 300.0, 1, 3600)
         services = self._services(top, board)
         self._ports(reader, printer, board)
         parts = (kiosk, board, hall, broker, keys, reader, printer, gpio, session, services, clock,
-                 unattended)
+                 unattended, tls, window)
         if self.problems or any(part is None for part in parts):
             return None
         return AgentConfig(source=Path(self.source), digest=digest, kiosk=kiosk, hall=hall,
                            broker=broker, keys=keys, reader=reader, printer=printer, gpio=gpio,
                            session=session, services=services, board=board,
-                           clock=ClockConfig(clock), unattended=unattended)
+                           clock=ClockConfig(clock), unattended=unattended,
+                           tls=tls or None, commands=CommandsConfig(window))
 
     def _kiosk(self, t: _Table) -> tuple[KioskConfig | None, BoardProfile | None]:
         device_id = t.string("device_id", pattern=_ID, rule=_ID_RULE)
@@ -663,6 +689,24 @@ class _Validator:
                                           f"(use one of: {', '.join(board.pin_factories)})")
             return None
         return GpioConfig(factory)
+
+    def _tls(self, top: _Table, t: _Table) -> TlsConfig | bool | None:
+        """False (no TLS) when the section is absent, None when it is invalid."""
+        if "tls" not in top.data:
+            return False
+        ca = t.path_("ca_file")
+        cert = t.path_("cert_file")
+        crl = t.path_("crl_file", None)
+        trusted = t.path_("trusted_certs", None)
+        warn = t.seconds("warn_days", 30.0, 1, 365)
+        for key, path in (("ca_file", ca), ("cert_file", cert), ("crl_file", crl),
+                          ("trusted_certs", trusted)):
+            if path is not None and not path.is_file():
+                self.add(t.at(key), f"file not found: {path}")
+                return None
+        if ca is None or cert is None or warn is None:
+            return None
+        return TlsConfig(ca, cert, crl, trusted, warn)
 
     def _unattended(self, t: _Table, broker: BrokerConfig | None) -> UnattendedConfig | None:
         direct_to = t.string("direct_to", "Please use another kiosk", max_len=200)

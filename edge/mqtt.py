@@ -115,6 +115,8 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._attempt = 0
         self.last_error: str | None = None
+        self._unacked: set[int] = set()       # QoS 1 mids not yet PUBACKed
+        self._unacked_cond = threading.Condition()
 
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
@@ -137,8 +139,13 @@ class MqttLink:
         self._thread = threading.Thread(target=self._run, name=f"{self._name}-link", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Disconnect cleanly (the broker discards the will) and join the thread."""
+    def stop(self, timeout_s: float = 5.0, *, drain_s: float = 2.0) -> None:
+        """Wait up to ``drain_s`` for in-flight QoS 1 publishes to be PUBACKed (the offline
+        state, the last events), then disconnect cleanly (the broker discards the will) and
+        join the thread."""
+        with self._unacked_cond:
+            self._unacked_cond.wait_for(lambda: not self._unacked or not self._connected.is_set(),
+                                        timeout=drain_s)
         self._stop.set()
         try:
             self._client.disconnect()
@@ -176,9 +183,12 @@ class MqttLink:
         """Send now; returns the mid. Raises NotConnected instead of queueing in memory."""
         if not self._connected.is_set():
             raise NotConnected(f"{self._name}: not connected to {self.host}:{self.port}")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise NotConnected(f"{self._name}: publish to {topic} failed: {paho.error_string(info.rc)}")
+        with self._unacked_cond:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise NotConnected(f"{self._name}: publish to {topic} failed: {paho.error_string(info.rc)}")
+            if qos:
+                self._unacked.add(info.mid)
         return info.mid
 
     # -- the link thread -----------------------------------------------------------------
@@ -250,6 +260,9 @@ class MqttLink:
             self.last_error = f"disconnected: {reason_code}"
             was = self._connected.is_set()
             self._connected.clear()
+            with self._unacked_cond:
+                self._unacked.clear()          # paho re-sends them itself on reconnect
+                self._unacked_cond.notify_all()
             if was:
                 self._emit(LinkDown(self.last_error))
         except Exception:
@@ -264,6 +277,9 @@ class MqttLink:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
             ok = not reason_code.is_failure
+            with self._unacked_cond:
+                self._unacked.discard(mid)
+                self._unacked_cond.notify_all()
             self._emit(PublishDone(mid, ok, str(reason_code)))
         except Exception:
             log.exception("%s: on_publish failed", self._name)

@@ -14,6 +14,8 @@ key the hall does not know. All ID numbers used here are synthetic (region 99).
 from __future__ import annotations
 
 import itertools
+import time
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -93,4 +95,43 @@ def forge(code: bytes, at: int = 30) -> bytes:
     return prefix + body[:i] + swapped + body[i + 1:] + b"." + sig
 
 
-__all__ = ["BookingService", "EidIssuer", "forge"]
+def cmd_qr_code(args) -> int:
+    """``hallkiosk qr-code``: sign a test code with the Ed25519 key in ``--key`` (PEM, made by
+    ``edge.keys.generate_private_key`` if missing), print it, and save a PNG if asked. The
+    kiosk must trust the key's public half (printed, base64) for the code to be accepted."""
+    from edge.keys import generate_private_key, load_private_key, public_b64
+
+    key_path = Path(args.key)
+    key = load_private_key(key_path) if key_path.exists() else generate_private_key(key_path)
+    now_s = int(time.time())
+    if args.kind == "appointment":
+        code = BookingService(args.hall, key=key).appointment(
+            args.service, start_s=args.start_s or now_s, minutes=args.minutes,
+            appointment_id=args.appointment_id)
+    else:
+        code = EidIssuer(key=key, lifetime_s=args.minutes * 60).code(args.id_number, now_s=now_s)
+    print(f"public key (base64): {public_b64(key)}")
+    print(code.decode("ascii"))
+    if args.png:
+        import segno
+
+        segno.make(code, error="m", boost_error=False).save(args.png, scale=6, border=4)
+        print(f"saved {args.png}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("qr-code", help="make a signed test appointment or e-ID QR code")
+    p.add_argument("kind", choices=("appointment", "eid"))
+    p.add_argument("--key", required=True, help="Ed25519 PEM private key (created if missing)")
+    p.add_argument("--hall", default="citizen-home", help="hall id (appointment)")
+    p.add_argument("--service", default="A", help="service category (appointment)")
+    p.add_argument("--appointment-id", default=None)
+    p.add_argument("--start-s", type=int, default=None, help="appointment time, Unix seconds")
+    p.add_argument("--minutes", type=int, default=30, help="validity after the start")
+    p.add_argument("--id-number", default="990000198001010012", help="synthetic ID (e-ID)")
+    p.add_argument("--png", help="also save the QR code as a PNG")
+    p.set_defaults(func=cmd_qr_code)
+
+
+__all__ = ["BookingService", "EidIssuer", "add_parser", "cmd_qr_code", "forge"]

@@ -135,7 +135,7 @@ class _Scene:
     """What stands in front of the lens (a code, or a visitor without one) and the frames
     rendered for it so far."""
 
-    __slots__ = ("payload", "faults", "modules", "variants", "smeared", "sway_px")
+    __slots__ = ("payload", "faults", "modules", "variants", "smeared", "sway_px", "prerendered")
 
     def __init__(self, payload: bytes | None, faults: LensFaults, sway_px: float = 0.0) -> None:
         self.payload = payload
@@ -150,6 +150,7 @@ class _Scene:
             self.modules = np.pad(np.array([list(r) for r in symbol.matrix], dtype=np.uint8), 4)
         self.variants: list[np.ndarray] = []
         self.smeared: list[np.ndarray] = []
+        self.prerendered = False
 
 
 class EmulatedCamera:
@@ -187,15 +188,28 @@ class EmulatedCamera:
         #: Number of frames returned since ``show()`` (0 while hidden).
         self.code_frames = 0
         self._background = self._make_background()
+        self._yy, self._xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+        self._unit: list[np.ndarray] | None = None
         self._noise = self._make_noise(noise_sigma, 8)
         self._idle = [np.clip(self._background + n, 0, 255).astype(np.uint8) for n in self._noise]
         for frame in self._idle:
             frame.flags.writeable = False
 
     # -- scripting ------------------------------------------------------------------------
-    def show(self, payload: bytes, faults: LensFaults | None = None) -> None:
-        """Hold a QR code carrying ``payload`` (bytes, encoded as segno chooses) in view."""
+    def show(self, payload: bytes, faults: LensFaults | None = None, *, prerender: bool = False) -> None:
+        """Hold a QR code carrying ``payload`` (bytes, encoded as segno chooses) in view.
+
+        ``prerender``: render all the variants now, on the caller's thread, so that reading
+        them costs nothing (benchmarks: a real camera does not pay for drawing the scene)."""
         scene = _Scene(bytes(payload), faults or LensFaults.none())
+        if prerender:
+            f = scene.faults
+            smeared = round(self._variants_max * f.no_code) if f.no_code else 0
+            for _ in range(smeared):
+                scene.smeared.append(self._frozen(self._render(scene, True)))
+            for _ in range(self._variants_max if f.no_code < 1 else 0):
+                scene.variants.append(self._frozen(self._render(scene, False)))
+            scene.prerendered = True
         with self._lock:
             self._scene = scene
             self.code_since_mono = None
@@ -298,18 +312,23 @@ class EmulatedCamera:
         f = scene.faults
         smeared = f.no_code > 0 and self._rng.random() < f.no_code
         pool = scene.smeared if smeared else scene.variants
-        if len(pool) < self._variants_max:
-            frame = self._render(scene, smeared)
-            frame.flags.writeable = False
+        if not scene.prerendered and len(pool) < self._variants_max:
+            frame = self._frozen(self._render(scene, smeared))
             pool.append(frame)
             return frame
+        pool = pool or scene.variants or scene.smeared
         return pool[self._rng.randrange(len(pool))]
+
+    @staticmethod
+    def _frozen(frame: np.ndarray) -> np.ndarray:
+        frame.flags.writeable = False
+        return frame
 
     def _render_visitor(self, scene: _Scene) -> np.ndarray:
         """A dark-clothed torso and a head against the counter, shifted by the sway."""
         dx = self._rng.uniform(-scene.sway_px, scene.sway_px)
         dy = self._rng.uniform(-scene.sway_px, scene.sway_px) / 2
-        yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+        yy, xx = self._yy, self._xx
         frame = self._background.astype(np.float32)
         torso = ((xx - 320 - dx) / 170) ** 2 + ((yy - 470 - dy) / 220) ** 2 <= 1.0
         head = ((xx - 320 - dx) / 65) ** 2 + ((yy - 190 - dy) / 80) ** 2 <= 1.0
@@ -326,7 +345,8 @@ class EmulatedCamera:
         f = scene.faults
         rng = self._rng
         n = scene.modules.shape[0]
-        # The code plane: white screen (230), dark modules (35), one pixel per module.
+        # The code plane: white screen (230), dark modules (35), 8 pixels per module so the
+        # warp samples it smoothly.
         plane = (230 - 195 * scene.modules).astype(np.uint8)
         scale = 8
         code = Image.fromarray(plane, "L").resize((n * scale, n * scale), Image.Resampling.NEAREST)
@@ -340,58 +360,74 @@ class EmulatedCamera:
         local = np.array([[-top, -half], [top, -half], [half, half], [-half, half]])
         rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         dst = local @ rot.T + [cx, cy]
+
+        # Everything below happens in a window around the code (the finger reaches half a
+        # side below it; blur needs a few pixels more): the rest of the frame is background.
+        pad = side * 0.6 + 8
+        x0, y0 = (max(0, int(np.floor(v - pad))) for v in dst.min(axis=0))
+        x1 = min(WIDTH, int(np.ceil(dst[:, 0].max() + pad)))
+        y1 = min(HEIGHT, int(np.ceil(dst[:, 1].max() + pad)))
+        w, h = x1 - x0, y1 - y0
         src = np.array([[0, 0], [n * scale, 0], [n * scale, n * scale], [0, n * scale]], float)
-        coeffs = _perspective_coeffs(dst, src)
-        warped = np.asarray(code.transform((WIDTH, HEIGHT), Image.Transform.PERSPECTIVE, coeffs,
+        coeffs = _perspective_coeffs(dst - [x0, y0], src)
+        warped = np.asarray(code.transform((w, h), Image.Transform.PERSPECTIVE, coeffs,
                                            Image.Resampling.BILINEAR), dtype=np.float32)
-        mask_img = Image.new("L", code.size, 255).transform(
-            (WIDTH, HEIGHT), Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BILINEAR)
-        mask = np.asarray(mask_img, dtype=np.float32) / 255.0
+        mask = np.asarray(Image.new("L", code.size, 255).transform(
+            (w, h), Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BILINEAR),
+            dtype=np.float32) / 255.0
+        yy, xx = self._yy[y0:y1, x0:x1], self._xx[y0:y1, x0:x1]
 
         if f.moire:
             # Fringes from the screen's pixel grid beating against the sensor's: a few pixels
             # apart, slightly slanted, drifting from frame to frame.
-            yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
             period = rng.uniform(5.0, 8.0)
             slant = rng.uniform(-0.4, 0.4)
             phase = rng.uniform(0, 2 * np.pi)
             fringe = np.sin(2 * np.pi * (xx + slant * yy) / period + phase)
             warped = warped * (1.0 + f.moire * 0.5 * fringe)
 
-        frame = self._background.astype(np.float32) * (1 - mask) + warped * mask
+        window = self._background[y0:y1, x0:x1] * (1 - mask) + warped * mask
 
         if f.occlusion:
             # A finger: a skin-grey ellipse pushing up over the middle of the bottom edge.
-            yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
             bottom = dst[2:4].mean(axis=0)
             up = np.array([-np.sin(angle), np.cos(angle)])         # from the centre down
             # Past the 4-module quiet zone, then ``occlusion`` of the symbol's own height.
             tip = bottom - up * f.module_px * (4 + (n - 8) * f.occlusion)
             centre = tip + up * side * 0.5
-            d = np.stack([xx - centre[0], yy - centre[1]])
-            along = d[0] * up[0] + d[1] * up[1]
-            across = d[0] * up[1] - d[1] * up[0]
-            finger = (along / (side * 0.5)) ** 2 + (across / (side / 6)) ** 2 <= 1.0
-            frame[finger] = 140.0
+            dx, dy = xx - centre[0], yy - centre[1]
+            along = dx * up[0] + dy * up[1]
+            across = dx * up[1] - dy * up[0]
+            window[(along / (side * 0.5)) ** 2 + (across / (side / 6)) ** 2 <= 1.0] = 140.0
 
         if f.glare:
-            yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
             gx = cx + rng.uniform(-0.3, 0.3) * side
             gy = cy + rng.uniform(-0.3, 0.3) * side
             radius = side * 0.18
-            blob = np.exp(-((xx - gx) ** 2 + (yy - gy) ** 2) / (2 * radius ** 2))
-            frame = frame + f.glare * 255.0 * blob
+            window = window + f.glare * 255.0 * np.exp(
+                -((xx - gx) ** 2 + (yy - gy) ** 2) / (2 * radius ** 2))
 
-        img = Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(window, 0, 255).astype(np.uint8), "L")
         if smeared:
             # Motion: the code is there but smeared past reading.
             img = img.filter(ImageFilter.BoxBlur(max(4.0, f.module_px * 2)))
         elif f.blur_px:
             img = img.filter(ImageFilter.GaussianBlur(f.blur_px))
-        out = np.asarray(img, dtype=np.int16) + self._noise[rng.randrange(len(self._noise))]
+        out = self._background.astype(np.int16)
+        out[y0:y1, x0:x1] = np.asarray(img, dtype=np.int16)
+        out += self._noise[rng.randrange(len(self._noise))]
         if f.noise_sigma:
-            out += np.rint(self._np.normal(0.0, f.noise_sigma, out.shape)).astype(np.int16)
+            unit = self._unit_noise()
+            out += np.rint(f.noise_sigma * unit[rng.randrange(len(unit))]).astype(np.int16)
         return np.ascontiguousarray(np.clip(out, 0, 255).astype(np.uint8))
+
+    def _unit_noise(self) -> list[np.ndarray]:
+        # Standard-normal fields drawn once per camera and scaled per fault: drawing 300 000
+        # normals per frame would cost more than the rest of the frame.
+        if self._unit is None:
+            self._unit = [self._np.standard_normal((HEIGHT, WIDTH), dtype=np.float32)
+                          for _ in range(4)]
+        return self._unit
 
     def __repr__(self) -> str:
         return f"<EmulatedCamera fps={self.fps} showing={self._scene is not None}>"

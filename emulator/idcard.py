@@ -168,7 +168,12 @@ class EmulatedReader(PtyDevice):
         super().__init__(path)
 
     # -- scripting -------------------------------------------------------------------
+    #: Every card presented to any emulated reader in this process: the hall's auditor
+    #: checks that none of their personal data ever appears in a published payload.
+    presented: list = []
+
     def present(self, card: Card) -> None:
+        EmulatedReader.presented.append(card)
         """Lay ``card`` on the reader (replacing any card there)."""
         with self._state:
             self._card = card

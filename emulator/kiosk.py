@@ -22,7 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from edge.keys import generate_private_key, public_b64, write_private_file
+from edge.keys import write_private_file
+from provisioning.emulated import provision_emulated_hall
 from emulator.broker import MosquittoBroker
 from emulator.idcard import Card, EmulatedReader
 from emulator.printer import EmulatedPrinter
@@ -68,9 +69,11 @@ class EmulatedKiosk:
         self.board = load_board(board)
         self.reader = EmulatedReader(self.dir / "dev" / "idcard")
         self.printer = EmulatedPrinter(self.dir / "dev" / "printer", out_dir=self.dir / "tickets")
-        self.key_path = self.dir / "device.key"
-        self.key = generate_private_key(self.key_path)
-        hall.keyring_add_kiosk(device_id, self.key)
+        # Real enrolment: key generated "on the kiosk", CSR, certificate from the hall CA.
+        self.identity = hall.pki.add_kiosk(device_id)
+        self.key_path = self.identity.key_path
+        self.key = self.identity.key
+        hall.trust_kiosk(self.identity)
         self.services = tuple(services)
         self.config_path = self.dir / "agent.toml"
         self.clock_trust = clock_trust
@@ -107,10 +110,12 @@ reconnect_max_s = 2.0
 
 [keys]
 device_key = "{self.key_path}"
-[[keys.trusted]]
-owner = "{self.hall.ledger_id}"
-role = "consumer"
-public_key = "{public_b64(self.hall.ledger_key)}"
+
+[tls]
+ca_file = "{self.hall.pki.chain_file}"
+cert_file = "{self.identity.cert_path}"
+crl_file = "{self.identity.dir / 'crl.pem'}"
+trusted_certs = "{self.identity.dir / 'services.pem'}"
 
 [devices.reader]
 port = "{self.reader.path}"
@@ -187,31 +192,51 @@ class EmulatedHall:
 
     def __init__(self, workdir: str | os.PathLike[str], *, hall_id: str = "citizen-home",
                  hall_name: str = "Citizen Home Service Centre") -> None:
-        from mqtt_topics.envelope import Keyring
-
-        self.dir = Path(workdir)
+        self.dir = Path(workdir).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hall_id = hall_id
         self.hall_name = hall_name
         self.secret_path = self.dir / "citizen.secret"
         write_private_file(self.secret_path, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+        # The real provisioning flow: hall CA, service certificates, the broker's generated
+        # TLS config with per-device ACLs; kiosks are enrolled as they are added.
+        self.pki = provision_emulated_hall(self.dir / "pki", hall=hall_id)
         self.ledger_id = "ledger"
-        self.ledger_key = generate_private_key(self.dir / "ledger.key")
-        # The hall's keyring: every kiosk's key, and the ledger's own (role consumer), so one
-        # keyring verifies everything seen on the hall's topics.
-        self.keyring = Keyring()
-        self.keyring.add(self.ledger_key.public_key(), owner=self.ledger_id, roles=("consumer",))
-        self.broker = MosquittoBroker(self.dir / "broker")
+        self.ledger_key = self.pki["ledger"].key
+        # The hall's keyring, from certificates (chain and CRL checked): kiosks, the ledger
+        # (consumer) and ops, so one keyring verifies everything seen on the hall's topics.
+        self.keyring = self.pki.keyring()
+        self.broker = MosquittoBroker(self.dir / "broker", conf_text=self.pki.broker_conf_text)
+        self.auditor: "Auditor | None" = None
         self.kiosks: dict[str, EmulatedKiosk] = {}
         self.consumer = None
         self._prefixes = iter(range(1, 100))
 
-    def keyring_add_kiosk(self, device_id: str, key) -> None:
-        self.keyring.add(key.public_key(), owner=device_id, roles=("kiosk",))
+    def trust_kiosk(self, identity) -> None:
+        from provisioning.trust import keyring_from_certs
+
+        keyring_from_certs(self.pki.chain_file, [identity.cert_path], self.pki.crl_file,
+                           roles=("kiosk",), keyring=self.keyring)
+
+    def tls_for(self, ident: str):
+        """mTLS settings to connect as one of the hall's enrolled identities."""
+        return self.pki.tls_for(ident)
 
     def start(self) -> "EmulatedHall":
         self.broker.start()
+        self.auditor = Auditor(self)
         return self
+
+    def link(self, ident: str, sink, subscriptions=(), **kw):
+        """An MQTT link authenticated as ``ident`` (the broker forces client id = CN, so one
+        identity has one connection at a time)."""
+        from edge.mqtt import MqttLink
+
+        link = MqttLink(client_id=ident, host="127.0.0.1", port=self.broker.port, sink=sink,
+                        subscriptions=tuple(subscriptions), tls=self.tls_for(ident),
+                        reconnect_min_s=0.1, reconnect_max_s=1.0, name=ident, **kw)
+        link.start()
+        return link
 
     def add_kiosk(self, device_id: str, **kwargs) -> EmulatedKiosk:
         prefix = kwargs.pop("prefix", f"{next(self._prefixes):02d}")
@@ -225,7 +250,7 @@ class EmulatedHall:
         self.consumer = TicketConsumer(service_id=self.ledger_id, hall=self.hall_id, key=self.ledger_key,
                                        keyring=self.keyring, state_dir=self.dir / "ledger",
                                        host="127.0.0.1", port=self.broker.port, group=group,
-                                       on_ticket=on_ticket).start()
+                                       on_ticket=on_ticket, tls=self.tls_for(self.ledger_id)).start()
         if not self.consumer.link.wait_connected(10):
             raise RuntimeError("ticket consumer did not connect")
         return self.consumer
@@ -239,6 +264,8 @@ class EmulatedHall:
         for k in self.kiosks.values():
             k.close()
         self.stop_consumer()
+        if self.auditor is not None:
+            self.auditor.close()
         self.broker.stop()
 
     def __enter__(self) -> "EmulatedHall":
@@ -246,6 +273,39 @@ class EmulatedHall:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Auditor:
+    """Sees every message on the hall's topics (identity 'auditor', role monitor), so tests
+    can prove that no published payload ever carries a citizen's name, ID number or address."""
+
+    def __init__(self, hall: EmulatedHall) -> None:
+        from edge.mqtt import LinkMessage
+
+        self._kind = LinkMessage
+        self.messages: list = []
+        self._lock = threading.Lock()
+        self.link = hall.link("auditor", self._sink, ((f"hall/{hall.hall_id}/#", 1),))
+        self.link.wait_connected(10)
+
+    def _sink(self, ev) -> None:
+        if isinstance(ev, self._kind):
+            with self._lock:
+                self.messages.append(ev)
+
+    def leaks(self, cards) -> list[str]:
+        """Topics of payloads that contain any presented card's personal data."""
+        needles = set()
+        for c in cards:
+            needles.update(x for x in (c.name, c.id_number, c.address) if x)
+            needles.update(x.encode("unicode_escape").decode() for x in (c.name, c.address) if x)
+        with self._lock:
+            msgs = list(self.messages)
+        return [m.topic for m in msgs
+                if any(n in m.payload.decode("utf-8", "replace") for n in needles)]
+
+    def close(self) -> None:
+        self.link.stop()
 
 
 __all__ = ["Card", "EmulatedHall", "EmulatedKiosk", "Buttons", "Leds"]

@@ -7,7 +7,7 @@ Tree (contract version 1, see docs/mqtt-contract.md)::
     hall/{hall}/kiosk/{device}/event          kiosk -> hall   QoS 1
     hall/{hall}/kiosk/{device}/ticket         kiosk -> hall   QoS 1, until acknowledged end to end
     hall/{hall}/kiosk/{device}/ticket/ack     hall  -> kiosk  QoS 1 (ticket consumer)
-    hall/{hall}/kiosk/{device}/cmd            hall  -> kiosk  QoS 1 (operator)
+    hall/{hall}/kiosk/{device}/cmd            hall  -> kiosk  QoS 1 (ops)
     hall/{hall}/kiosk/{device}/cmd/result     kiosk -> hall   QoS 1
     hall/{hall}/ops/alert                     hall-side ops (no v1 schema yet)
 
@@ -60,7 +60,7 @@ ROLE_FOR_KIND: Final = {
     "ticket": "kiosk",
     "cmd_result": "kiosk",
     "ticket_ack": "consumer",
-    "cmd": "operator",
+    "cmd": "ops",
 }
 
 
@@ -79,7 +79,7 @@ DELIVERY: Final = {
     "event": Delivery(1, False, "kiosk"),
     "ticket": Delivery(1, False, "kiosk"),
     "ticket_ack": Delivery(1, False, "consumer"),
-    "cmd": Delivery(1, False, "operator"),
+    "cmd": Delivery(1, False, "ops"),
     "cmd_result": Delivery(1, False, "kiosk"),
 }
 

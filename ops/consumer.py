@@ -23,7 +23,7 @@ from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, TlsSettings
 from edge.store import KioskStore
 from hallkiosk.errors import ContractError, ReplayError
 from mqtt_topics.envelope import Keyring, SequenceTracker, Signer, Verified, verify
@@ -49,7 +49,8 @@ class ConsumerStats:
 class TicketConsumer:
     def __init__(self, *, service_id: str, hall: str, key: Ed25519PrivateKey, keyring: Keyring,
                  state_dir: Path, host: str, port: int, group: str | None = None,
-                 on_ticket: Callable[[Verified, bool], None] | None = None) -> None:
+                 on_ticket: Callable[[Verified, bool], None] | None = None,
+                 tls: TlsSettings | None = None) -> None:
         self.hall = hall
         self.keyring = keyring
         state_dir = Path(state_dir)
@@ -63,9 +64,10 @@ class TicketConsumer:
         self.events: queue.Queue[object] = queue.Queue()
         topics = HallTopics(hall)
         sub = topics.shared(group, topics.all_tickets) if group else topics.all_tickets
+        # With mTLS the broker forces the client id to the certificate's CN anyway.
         self.link = MqttLink(client_id=f"{service_id}-{secrets.token_hex(3)}" if group else service_id,
                              host=host, port=port, sink=self.events.put, subscriptions=((sub, 1),),
-                             reconnect_min_s=0.2, reconnect_max_s=5.0, name=service_id)
+                             reconnect_min_s=0.2, reconnect_max_s=5.0, tls=tls, name=service_id)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 

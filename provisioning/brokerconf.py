@@ -38,7 +38,7 @@ from .errors import ProvisioningError
 from .inventory import Inventory
 
 #: Contract publisher names (topics.DELIVERY) to certificate roles (ca.ROLES).
-PUBLISHER_ROLE: Final = {"kiosk": "kiosk", "consumer": "consumer", "operator": "ops"}
+PUBLISHER_ROLE: Final = {"kiosk": "kiosk", "consumer": "consumer", "ops": "ops"}
 #: What each service role reads, by topic kind (what it writes comes from DELIVERY).
 SERVICE_READS: Final = {
     "consumer": ("ticket",),
@@ -159,5 +159,6 @@ def write_broker_config(ca: HallCA, out_dir: Path, *, host: str = "{host}",
             try:
                 shutil.chown(p, user=chown_to)
             except (LookupError, PermissionError) as exc:
-                raise ProvisioningError(f"{p}: cannot give it to user {chown_to!r} ({exc})") from None
+                raise ProvisioningError(f"{p}: cannot give it to user {chown_to!r} "
+                                        f"({exc})") from None
     return conf, files

@@ -6,7 +6,8 @@ station (or a USB stick); the agent's install step copies it to /etc/hallkiosk::
     device.crt     the kiosk's certificate (CN = device id, OU = kiosk, O = hall)
     ca-chain.pem   issuing CA + root: to verify the broker and every signed message
     crl.pem        the issuing CA's CRL (revoked keys are refused)
-    services.pem   certificates of the hall services the kiosk listens to (consumer, ops)
+    services.pem   certificates of the hall services the kiosk trusts (consumer, ops,
+                   booking: trust.trusted_public_keys gives the QR appointment keys)
     agent.toml     hall, broker, board, services, and the paths above
 
 The device key is NOT in the bundle: it was generated on the kiosk and stays there (a FAT
@@ -202,7 +203,8 @@ def verify_bundle(target: Path, *, key_path: Path | None = None,
     if rep.days_left < RENEW_WARN_DAYS:
         rep.warnings.append(f"{info.owner}: certificate expires in {rep.days_left:.1f} days; "
                             "renew it (provision renew)")
-    for sc in load_pem_certs(target / SERVICES_FILE) if (target / SERVICES_FILE).stat().st_size else []:
+    services = target / SERVICES_FILE
+    for sc in load_pem_certs(services) if services.stat().st_size else []:
         try:
             anchors.check(sc, now=now, crl=crl)
         except TrustError as exc:

@@ -192,6 +192,7 @@ class HallCA:
         now = utc_now(clock)
         not_after = min(now + dt.timedelta(days=days), self.issuing_cert.not_valid_after_utc)
         server = role == "broker"
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (x509.CertificateBuilder()
                    .subject_name(subject_for(cn, role, self.hall))
                    .issuer_name(self.issuing_cert.subject).public_key(public_key)
@@ -203,9 +204,7 @@ class HallCA:
                                                 key_agreement=False, key_cert_sign=False,
                                                 crl_sign=False, encipher_only=False,
                                                 decipher_only=False), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage(
-                       [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                                   critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(

@@ -19,6 +19,12 @@ from pathlib import Path
 from .errors import ProvisioningError
 
 DEFAULT_KEY_PATH = "/etc/hallkiosk/device.key"
+# Spelled out here (tests check them against ca.ROLES and inventory.REASONS) so building the
+# parser for `hallkiosk agent` does not import cryptography's x509 machinery.
+ISSUE_ROLES = ("ops", "consumer", "booking", "monitor")
+CERT_ROLES = ("kiosk", *ISSUE_ROLES, "broker")
+REVOKE_REASONS = ("unspecified", "key_compromise", "affiliation_changed", "superseded",
+                  "cessation_of_operation")
 
 
 def _out(line: str) -> None:
@@ -57,17 +63,18 @@ def _services(values: list[str]) -> tuple[tuple[str, str, str], ...]:
     return tuple(out)
 
 
-def _service_certs(ca, roles=("consumer", "ops")) -> list:
-    from .ca import load_cert_file
+def _issued_certs(ca, roles: tuple[str, ...]) -> list:
+    """Certificates of ``roles`` that are neither revoked nor expired, from the inventory."""
+    from .ca import load_cert_file, utc_now
     from .inventory import Inventory
 
     inv = Inventory.load(ca.inventory_path)
-    certs = []
-    for ident in inv.ids():
-        entry = inv.active(ident)
-        if entry is not None and entry.role in roles:
-            certs.append(load_cert_file(ca.dir / "issued" / f"{entry.serial}.pem"))
-    return certs
+    return [load_cert_file(ca.dir / "issued" / f"{e.serial}.pem")
+            for e in inv.usable(utc_now(), roles)]
+
+
+def _service_certs(ca) -> list:
+    return _issued_certs(ca, ("consumer", "ops", "booking"))
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -253,10 +260,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_certs(args: argparse.Namespace) -> int:
+    """What hall services verify kiosks with: one PEM file of usable certificates."""
+    from .ca import load_hall_ca, pem_cert, write_public_file
+
+    ca = load_hall_ca(args.ca_dir)
+    certs = _issued_certs(ca, tuple(args.role or ("kiosk",)))
+    write_public_file(args.out, b"".join(pem_cert(c) for c in certs))
+    _out(f"{len(certs)} certificate(s) written to {args.out} (load with "
+         "provisioning.trust.keyring_from_certs, with the chain and the CRL)")
+    return 0
+
+
 # -- ops ---------------------------------------------------------------------------------------
 def cmd_command(args: argparse.Namespace) -> int:
     from .ca import load_cert_file, load_hall_ca, load_key_file
-    from .inventory import Inventory
     from .opsclient import send_command
     from .trust import keyring_from_certs, subject_fields
     from edge.mqtt import TlsSettings
@@ -266,10 +284,8 @@ def cmd_command(args: argparse.Namespace) -> int:
     ops_id, role, _ = subject_fields(cert)
     if role != "ops":
         raise ProvisioningError(f"{args.cert}: role {role!r}, an ops certificate is needed")
-    inv = Inventory.load(ca.inventory_path)
-    kiosks = [load_cert_file(ca.dir / "issued" / f"{e.serial}.pem")
-              for e in inv.entries() if e.role == "kiosk" and e.status != "revoked"]
-    keyring = keyring_from_certs(ca.chain_path, kiosks, ca.crl_path, roles=("kiosk",))
+    keyring = keyring_from_certs(ca.chain_path, _issued_certs(ca, ("kiosk",)), ca.crl_path,
+                                 roles=("kiosk",))
     try:
         cmd_args = json.loads(args.args)
     except ValueError as exc:
@@ -291,9 +307,6 @@ def cmd_command(args: argparse.Namespace) -> int:
 # -- argparse ------------------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``provision`` and its subcommands on the main CLI's subparsers."""
-    from .ca import ROLES
-    from .inventory import REASONS
-
     p = sub.add_parser("provision", help="hall CA, kiosk enrollment, certificates, broker config")
     ps = p.add_subparsers(dest="provision_command", required=True, metavar="STEP")
 
@@ -332,7 +345,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q = ps.add_parser("issue", help="issue an ops / consumer / booking / monitor certificate")
     ca_dir(q)
     q.add_argument("--id", required=True)
-    q.add_argument("--role", required=True, choices=[r for r in ROLES if r not in ("kiosk", "broker")])
+    q.add_argument("--role", required=True, choices=ISSUE_ROLES)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--csr", type=Path, help="certify this CSR's key instead of making one")
     q.add_argument("--days", type=int)
@@ -372,7 +385,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q = ps.add_parser("revoke", help="revoke an id's certificates and publish the CRL")
     ca_dir(q)
     q.add_argument("id")
-    q.add_argument("--reason", default="unspecified", choices=REASONS)
+    q.add_argument("--reason", default="unspecified", choices=REVOKE_REASONS)
     q.add_argument("--crl-copy", type=Path, action="append", default=[],
                    help="also write the CRL here (the broker's crlfile)")
     q.add_argument("--restart-unit", help="systemd unit of the broker to restart afterwards")
@@ -389,6 +402,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="include superseded and revoked")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_list)
+
+    q = ps.add_parser("export-certs", help="usable certificates (kiosks by default) for hall "
+                      "services to verify messages with")
+    ca_dir(q)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--role", action="append", choices=CERT_ROLES)
+    q.set_defaults(func=cmd_export_certs)
 
     q = ps.add_parser("command", help="send one signed command to a kiosk and wait for its answer")
     ca_dir(q)

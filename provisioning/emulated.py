@@ -99,7 +99,7 @@ class HallMaterials:
         key = generate_device_key(key_path)                      # on the kiosk
         cert, _ = enroll(self.ca, make_csr(key, device_id), expect_id=device_id,
                          board=settings.board if settings else None, clock=self.clock)
-        services = self.certs(("consumer", "ops"))
+        services = self.certs(("consumer", "ops", "booking"))
         if settings is not None:
             write_bundle(kdir, self.ca, cert, settings, services, clock=self.clock)
         else:

@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from edge.clock import SYSTEM_CLOCK, Clock
 from edge.keys import write_private_file
 from hallkiosk.errors import ContractError
+from mqtt_topics.envelope import key_id
 from mqtt_topics.topics import validate_id
 
 from .ca import HallCA, load_cert_file, pem_cert, pem_key, utc_now, write_public_file
@@ -116,13 +117,22 @@ def enroll(ca: HallCA, csr_pem: bytes, *, role: str = "kiosk", board: str | None
         raise EnrollmentRefused(f"CSR is for {req.cn!r}, not {expect_id!r}")
     now = utc_now(clock)
     with Inventory.edit(ca.inventory_path) as inv:
-        _precheck(inv, req.cn, role)
+        _precheck(inv, req.cn, role, req.public_key)
         cert = ca.issue(req.public_key, req.cn, role, days=days, clock=clock)
         entry = inv.record(cert, req.cn, role, now=now, board=board)
     return cert, entry
 
 
-def _precheck(inv: Inventory, ident: str, role: str) -> None:
+def _never_revoked(inv: Inventory, ident: str, public_key: Ed25519PublicKey) -> None:
+    """A key once revoked is never certified again (it may be in someone else's hands)."""
+    kid = key_id(public_key)
+    if any(e.kid == kid for e in inv.revoked()):
+        raise EnrollmentRefused(f"{ident}: this key was revoked; make a new key on the "
+                                "device (keygen --force) and a new CSR")
+
+
+def _precheck(inv: Inventory, ident: str, role: str, public_key: Ed25519PublicKey) -> None:
+    _never_revoked(inv, ident, public_key)
     held = inv.role_of(ident)
     if held is not None and held != role:
         raise EnrollmentRefused(f"{ident}: id already used by a {held} certificate")
@@ -157,7 +167,7 @@ def issue_service(ca: HallCA, ident: str, role: str, out_dir: Path, *,
         public_key = key.public_key()
     now = utc_now(clock)
     with Inventory.edit(ca.inventory_path) as inv:
-        _precheck(inv, ident, role)
+        _precheck(inv, ident, role, public_key)
         cert = ca.issue(public_key, ident, role, days=days, clock=clock)
         inv.record(cert, ident, role, now=now)
     if csr_pem is None:
@@ -211,6 +221,7 @@ def renew(ca: HallCA, ident: str, *, csr_pem: bytes | None = None, days: int | N
             if req.cn != ident:
                 raise EnrollmentRefused(f"CSR is for {req.cn!r}, not {ident!r}")
             public_key = req.public_key
+            _never_revoked(inv, ident, public_key)
         else:
             old = load_cert_file(ca.dir / "issued" / f"{current.serial}.pem")
             public_key = old.public_key()

@@ -170,6 +170,13 @@ class Inventory:
         return [e for e in self._entries
                 if e.status == "active" and e.days_left(now) <= within_days]
 
+    def usable(self, now: dt.datetime, roles: tuple[str, ...] | None = None
+               ) -> list[InventoryEntry]:
+        """Unrevoked, unexpired certificates (superseded ones too: they stay valid, and a
+        kiosk may not have installed its renewed certificate yet), optionally by role."""
+        return [e for e in self._entries if e.status != "revoked" and e.not_after_dt > now
+                and (roles is None or e.role in roles)]
+
     def ids(self, role: str | None = None) -> list[str]:
         """Ids that hold an active certificate, optionally of one role, in enrollment order."""
         seen: list[str] = []

@@ -64,7 +64,8 @@ def load_pem_certs(source: CertSource) -> list[x509.Certificate]:
         try:
             data = Path(source).read_bytes()
         except OSError as exc:
-            raise ProvisioningError(f"{source}: cannot read certificates ({exc.strerror})") from None
+            raise ProvisioningError(f"{source}: cannot read certificates "
+                                    f"({exc.strerror})") from None
         where = str(source)
     else:
         data, where = bytes(source), "PEM data"
@@ -238,3 +239,12 @@ def apply_crl(keyring: Keyring, ca_chain: CertSource | TrustAnchors,
                         keyring.remove(kid)
                         removed.append(kid)
     return removed
+
+
+def trusted_public_keys(ca_chain: CertSource | TrustAnchors, certs: Iterable[CertSource],
+                        crl: CrlSource = None, *, role: str,
+                        clock: Clock = SYSTEM_CLOCK) -> list[Ed25519PublicKey]:
+    """The Ed25519 keys of the valid, unrevoked certificates of one ``role``: e.g. the
+    booking service's keys for edge.qr.codes.trusted_keys (appointment QR codes)."""
+    ring = keyring_from_certs(ca_chain, certs, crl, clock=clock, roles=(role,))
+    return [ring.get(kid).public_key for kid in ring]

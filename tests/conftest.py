@@ -33,6 +33,16 @@ def broker(tmp_path):
 
 @pytest.fixture
 def hall(tmp_path):
+    """An emulated hall (real PKI, mTLS broker with generated ACLs). On teardown it proves
+    what every end-to-end test must keep true: no payload published on the hall's topics
+    contains a presented card's name, ID number or address."""
+    from emulator.idcard import EmulatedReader
+
+    EmulatedReader.presented.clear()
     h = EmulatedHall(tmp_path / "hall").start()
-    yield h
-    h.close()
+    try:
+        yield h
+        leaks = h.auditor.leaks(EmulatedReader.presented)
+        assert not leaks, f"personal data published on: {sorted(set(leaks))}"
+    finally:
+        h.close()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from edge.clock import ManualClock
 from edge.commands import REFUSALS, Command, CommandGate, NonceCache, Refusal
 from hallkiosk.errors import ContractError
-from mqtt_topics.envelope import Keyring, Signer, canonical_bytes, canonical_json, key_id, verify
+from mqtt_topics.envelope import Signer, canonical_bytes, canonical_json, key_id, verify
 from mqtt_topics.schemas import validate_body
 from mqtt_topics.topics import KioskTopics
 from provisioning.emulated import provision_emulated_hall

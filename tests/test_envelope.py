@@ -106,7 +106,7 @@ def keyring() -> Keyring:
     ring.add(K7.public_key(), owner="kiosk-07", roles=["kiosk"])
     ring.add(K8.public_key(), owner="kiosk-08", roles=["kiosk"])
     ring.add(KC.public_key(), owner="consumer-1", roles=["consumer"])
-    ring.add(KOP.public_key(), owner="ops-1", roles=["operator"])
+    ring.add(KOP.public_key(), owner="ops-1", roles=["ops"])
     return ring
 
 
@@ -259,7 +259,7 @@ def test_kiosk_round_trip(keyring, msg_type):
 @pytest.mark.parametrize("msg_type", sorted(HALL_BODIES))
 def test_hall_round_trip(keyring, msg_type):
     sender, key, body = HALL_BODIES[msg_type]
-    role = {"ticket_ack": "consumer", "cmd": "operator"}[msg_type]
+    role = {"ticket_ack": "consumer", "cmd": "ops"}[msg_type]
     payload = _signer(key, sender).seal(T7.topic(msg_type), msg_type, body)
     got = verify(payload, T7.topic(msg_type), keyring, require_role=role)
     assert got.sender == sender and got.body == body and got.seq_status == "unchecked"

@@ -180,6 +180,9 @@ def test_validity_window_edges_with_leeway():
     assert refused(code, now_ms=(NOW_S + 101) * 1000 + leeway_ms).reason == "expired"
     assert refused(code, now_ms=NOW_S * 1000 - 1, leeway_s=0).reason == "not_yet_valid"
     parse(code, now_ms=(NOW_S + 100) * 1000 + 999, leeway_s=0)          # not_after inclusive
+    appt = parse(code)
+    assert refused(code, now_ms=appt.accepted_until_ms()).reason == "expired"
+    parse(code, now_ms=appt.accepted_until_ms() - 1)
 
 
 def test_expired_and_not_yet_valid_eid():

@@ -158,9 +158,14 @@ def test_still_visitor_becomes_background():
     rig.run(2 * FPS)
     assert len(rig.decoder.sizes) == before     # adopted: no more decodes
     assert rig.pipeline.stats.adopted == 1
-    # ... and a code shown by that visitor is still read.
+    # ... a code shown by that visitor is still read ...
     rig.camera.show(CODE, LensFaults.typical())
     assert rig.run(FPS // 2) == [CODE]
+    # ... and when they leave, the empty counter is recognised at once.
+    rig.camera.hide()
+    before = len(rig.decoder.sizes)
+    rig.run(FPS)
+    assert len(rig.decoder.sizes) == before
 
 
 def test_swaying_visitor_is_decoded_every_frame():

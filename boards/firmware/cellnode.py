@@ -21,6 +21,7 @@ Hence the MicroPython subset: no dataclasses, no ``typing`` at run time (annotat
 ignored by MicroPython's compiler), no f-strings, integers and bytes only.
 """
 
+import os
 import sys
 
 if sys.implementation.name == "micropython":
@@ -213,6 +214,9 @@ class Node:
         self.door = machine.Pin(door_pin, machine.Pin.IN, machine.Pin.PULL_UP)
         self.led = machine.Pin(led_pin, machine.Pin.OUT)
         self.uid = _hex(machine.unique_id())
+        # A fresh random id per boot: the host tells a restarted node from a reconnected one
+        # by it (sequence numbers and uptimes are ambiguous after a quick restart).
+        self.boot_id = _hex(os.urandom(4))
         self.hb_ms = hb_ms
         self.debounce_ms = debounce_ms
         self.reader = LineReader()
@@ -232,12 +236,15 @@ class Node:
         self.door_raw_since = now
         self.led.value(self.motion)
         # Boot announcement: seq 0 + HELLO tells the host that the node (re)started.
-        self.send("HELLO", (FW_VERSION, self.uid))
+        self.send_hello()
         self.send_state()
 
     def send(self, kind: str, fields: tuple = ()) -> None:
         self.out += encode(kind, self.seq, fields)
         self.seq = (self.seq + 1) & 0xFFFF
+
+    def send_hello(self) -> None:
+        self.send("HELLO", (FW_VERSION, self.uid, self.boot_id, self.uptime_ms // 1000))
 
     def send_state(self) -> None:
         self.send("STATE", (self.motion, self.door_closed))
@@ -286,7 +293,7 @@ class Node:
             return
         kind = item[0]
         if kind == "PING":
-            self.send("HELLO", (FW_VERSION, self.uid))
+            self.send_hello()
             self.send_state()
         elif kind == "RESET":
             self.send("ACK", ("RESET",))

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from edge.cells.debounce import Debouncer
+from edge.cells.debounce import ContactEdge, Debouncer
 from edge.cells.occupancy import (CellState, Indication, OccupancyMachine, Output, SensorAvailability,
                                   SensorFault, SensorKind, SensorReading, SensorRecovered, Timings,
                                   Transition)
@@ -30,7 +30,8 @@ from edge.clock import Clock
 
 log = logging.getLogger("hallkiosk.cells")
 
-__all__ = ["Cell", "CellState", "CellUpdate", "Indication", "Notice", "SensorKind", "Timings"]
+__all__ = ["Cell", "CellState", "CellUpdate", "ContactEdge", "Indication", "Notice", "SensorKind",
+           "Timings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +73,7 @@ class Cell:
     def handle(self, event: object) -> CellUpdate | None:
         """Feed one event from the agent's queue. Returns None when the event is not for
         this cell (another cell's, or not a cell event at all)."""
-        from edge.cells.node import NodeInfo
-        from edge.cells.sensors import ContactEdge
+        from edge.cells.node import NodeInfo  # here: the node driver pulls in pyserial
 
         if getattr(event, "cell", None) != self.id:
             return None

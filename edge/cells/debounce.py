@@ -14,8 +14,17 @@ a clean edge by ``settle_s`` and never follows a burst of bounces.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from edge.clock import Clock
+
+
+@dataclass(frozen=True, slots=True)
+class ContactEdge:
+    """Event: a raw edge of a contact input (bounces included), to be debounced before use."""
+    cell: str
+    sensor: str
+    closed: bool
 
 
 class Debouncer:
@@ -49,7 +58,9 @@ class Debouncer:
         """The new stable level if the raw level has now settled on a different one, else None."""
         if self._raw is None or self._raw == self.stable:
             return None
-        if self.clock.monotonic() - self._raw_since >= self.settle_s:
+        # Within a microsecond counts: a clock advanced to the deadline by float arithmetic
+        # may land a rounding error short of it.
+        if self._raw_since + self.settle_s <= self.clock.monotonic() + 1e-6:
             self.stable = self._raw
             return self.stable
         return None

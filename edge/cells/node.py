@@ -36,7 +36,7 @@ log = logging.getLogger("hallkiosk.cells.node")
 #: Bytes that bring a MicroPython REPL back to main.py: Ctrl-C (interrupt), Ctrl-D (soft reset).
 REVIVE = b"\r\x03\x03\x04"
 #: Node -> host types and how many fields each carries after the sequence number.
-_FIELDS = {"HELLO": 2, "STATE": 2, "HB": 3, "ACK": 1, "ERR": 1}
+_FIELDS = {"HELLO": 4, "STATE": 2, "HB": 3, "ACK": 1, "ERR": 1}
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -45,6 +45,8 @@ class Hello:
     seq: int
     fw_version: str
     uid: str
+    boot_id: str
+    uptime_s: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +82,8 @@ NodeMessage = Hello | State | Heartbeat | Ack | NodeError
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """Event: a node answered the handshake. ``rebooted``: it announced a boot (seq 0)
-    rather than answering a PING, i.e. it restarted since the host last saw it."""
+    """Event: a node answered the handshake, or announced a boot. ``rebooted``: it restarted
+    since the host last saw it (another boot id), or it is another board."""
     cell: str
     fw_version: str
     uid: str
@@ -96,6 +98,13 @@ def _flag(text: str) -> bool:
     raise ProtocolError(f"expected 0 or 1, got {text[:8]!r}")
 
 
+def _uint(text: str) -> int:
+    # str.isdigit() also accepts non-ASCII digits; the wire only carries ASCII ones.
+    if not 1 <= len(text) <= 10 or not all("0" <= ch <= "9" for ch in text):
+        raise ProtocolError(f"expected a decimal number, got {text[:12]!r}")
+    return int(text)
+
+
 def to_message(kind: str, seq: int, fields: list[str]) -> NodeMessage:
     """Type one parsed node frame. Raises ProtocolError for an unknown type or bad fields."""
     expected = _FIELDS.get(kind)
@@ -104,13 +113,11 @@ def to_message(kind: str, seq: int, fields: list[str]) -> NodeMessage:
     if len(fields) != expected:
         raise ProtocolError(f"{kind} frame with {len(fields)} fields, expected {expected}")
     if kind == "HELLO":
-        return Hello(seq, fields[0], fields[1])
+        return Hello(seq, fields[0], fields[1], fields[2], _uint(fields[3]))
     if kind == "STATE":
         return State(seq, _flag(fields[0]), _flag(fields[1]))
     if kind == "HB":
-        if not fields[0].isdigit() or len(fields[0]) > 10:
-            raise ProtocolError("HB uptime is not a decimal number")
-        return Heartbeat(seq, int(fields[0]), _flag(fields[1]), _flag(fields[2]))
+        return Heartbeat(seq, _uint(fields[0]), _flag(fields[1]), _flag(fields[2]))
     if kind == "ACK":
         return Ack(seq, fields[0])
     return NodeError(seq, fields[0])
@@ -275,16 +282,21 @@ class CellNodeWorker(SerialWorker):
         self.info: NodeInfo | None = None
         self.reboots = 0
         self._node: CellNode | None = None
-        self._seen_uid: str | None = None
+        self._seen: tuple[str, str] | None = None
+        self._done = {"lost_frames": 0, "crc_errors": 0, "format_errors": 0}
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters for telemetry (ints, as the contract wants)."""
-        node = self._node
-        return {"reboots": self.reboots,
-                "lost_frames": node.lost_frames if node else 0,
-                "crc_errors": node.decoder.crc_errors if node else 0,
-                "format_errors": node.decoder.format_errors if node else 0}
+        """Counters since the worker started, for telemetry (ints, as the contract wants)."""
+        current = self._counters(self._node)
+        return {"reboots": self.reboots, **{k: v + current[k] for k, v in self._done.items()}}
+
+    @staticmethod
+    def _counters(node: CellNode | None) -> dict[str, int]:
+        if node is None:
+            return {"lost_frames": 0, "crc_errors": 0, "format_errors": 0}
+        return {"lost_frames": node.lost_frames, "crc_errors": node.decoder.crc_errors,
+                "format_errors": node.decoder.format_errors}
 
     def attach(self, port) -> tuple[CellNode, Hello, State | None, list[NodeMessage]]:
         node = CellNode(port, name=self.device, clock=self.clock)
@@ -314,6 +326,9 @@ class CellNodeWorker(SerialWorker):
                     raise DeviceTimeout(f"{node.where}: no frame for {self.heartbeat_timeout_s:g} s "
                                         "(heartbeat lost)")
         finally:
+            for key, value in self._counters(node).items():
+                self._done[key] += value
+            self._node = None
             for sensor in self.names.values():
                 self._emit(SensorAvailability(self.cell, sensor, False, f"{self.device} lost"))
 
@@ -329,10 +344,10 @@ class CellNodeWorker(SerialWorker):
                 log.info("%s: node refused a frame (%s)", node.where, m.code)
 
     def _on_hello(self, hello: Hello) -> None:
-        rebooted = hello.seq == 0 and self._seen_uid is not None
+        rebooted = self._seen is not None and self._seen != (hello.uid, hello.boot_id)
         if rebooted:
             self.reboots += 1
-        self._seen_uid = hello.uid
+        self._seen = (hello.uid, hello.boot_id)
         self.info = NodeInfo(self.cell, hello.fw_version, hello.uid, rebooted)
         self._emit(self.info)
 
@@ -342,3 +357,48 @@ class CellNodeWorker(SerialWorker):
             if sensor is not None and levels.get(sensor) != value:
                 levels[sensor] = value
                 self._emit(SensorReading(self.cell, sensor, value))
+
+
+# -- command line (field engineers: is the node there, which firmware, reset it) -----------------
+def add_parser(sub) -> None:
+    """``hallkiosk cell-node --port URL [info|reset|stop]``."""
+    p = sub.add_parser("cell-node", help="talk to a cell sensor node: show its firmware and "
+                                         "sensors, reset it, or stop it (REPL for maintenance)")
+    p.add_argument("--port", required=True, help="pyserial URL, e.g. /dev/serial/by-id/usb-MicroPython_...")
+    p.add_argument("action", nargs="?", choices=("info", "reset", "stop"), default="info")
+    p.add_argument("--timeout-s", type=float, default=2.0, help="answer timeout (default 2 s)")
+    p.set_defaults(func=cmd_cell_node)
+
+
+def cmd_cell_node(args) -> int:
+    from edge.serialdev import open_serial
+    from hallkiosk.errors import DeviceError
+
+    try:
+        port = open_serial(args.port)
+    except DeviceError as exc:
+        print(f"cell-node: {exc}")
+        return 2
+    try:
+        node = CellNode(port, name="cell-node")
+        hello, state, _ = node.handshake(args.timeout_s)
+        print(f"cell node on {args.port}: firmware {hello.fw_version}, board {hello.uid}, "
+              f"up {hello.uptime_s} s")
+        if state is not None:
+            print(f"  motion={int(state.motion)} door_closed={int(state.door_closed)}")
+        if args.action == "info":
+            return 0
+        command = args.action.upper()
+        node.send(command)
+        deadline = node.clock.monotonic() + args.timeout_s
+        while node.clock.monotonic() < deadline:
+            if any(isinstance(m, Ack) and m.command == command for m in node.read()):
+                print(f"  {command} acknowledged")
+                return 0
+        print(f"  no ACK for {command} within {args.timeout_s:g} s")
+        return 1
+    except DeviceError as exc:
+        print(f"cell-node: {exc}")
+        return 1
+    finally:
+        port.close()

@@ -134,6 +134,9 @@ class SensorRecovered:
 Output = Transition | SensorFault | SensorRecovered
 
 _EXCLUDING = frozenset({"stuck", "flapping", "unavailable"})
+#: Deadlines count as reached within a microsecond: a clock advanced to a deadline by float
+#: arithmetic may land a rounding error short of it, and must not miss it.
+_EPS = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +326,7 @@ class OccupancyMachine:
         if not s.votes:
             return False
         if s.kind is SensorKind.DOOR:
-            return now < s.pulse_until
+            return now + _EPS < s.pulse_until
         return bool(s.value)
 
     def _evidence_now(self, now: float) -> bool:
@@ -349,7 +352,7 @@ class OccupancyMachine:
 
     def _check_flapping(self, s: _Sensor, now: float, out: list[Output]) -> None:
         t = self.timings
-        while s.changes and s.changes[0] <= now - t.flap_window_s:
+        while s.changes and s.changes[0] + t.flap_window_s <= now + _EPS:
             s.changes.popleft()
         if "flapping" not in s.faults and len(s.changes) > t.flap_max_changes:
             s.faults.add("flapping")
@@ -368,7 +371,7 @@ class OccupancyMachine:
             if "flapping" in s.faults:
                 self._check_flapping(s, now, out)
             if (s.kind is not SensorKind.DOOR and s.value and s.available
-                    and "stuck" not in s.faults and now - s.corroborated >= t.stuck_after_s):
+                    and "stuck" not in s.faults and s.corroborated + t.stuck_after_s <= now + _EPS):
                 s.faults.add("stuck")
                 out.append(SensorFault(self.cell, s.name, "stuck",
                                        f"presence for {t.stuck_after_s:g} s with nothing to confirm it"))
@@ -380,14 +383,14 @@ class OccupancyMachine:
         if old is CellState.VACANT:
             if evidence and self.session_claim:
                 self._enter(CellState.OCCUPIED, now, "session", out)
-            elif evidence and now - self._evidence_since >= t.min_presence_s:
+            elif evidence and self._evidence_since + t.min_presence_s <= now + _EPS:
                 self._enter(CellState.OCCUPIED, now, "presence", out)
         elif old is CellState.OCCUPIED:
             if not evidence:
                 self._enter(CellState.LEAVING, now, "absence", out)
         elif evidence:
             self._enter(CellState.OCCUPIED, now, "presence_returned", out)
-        elif now - self._state_since >= self._hold_s():
+        elif self._state_since + self._hold_s() <= now + _EPS:
             self._enter(CellState.VACANT, now, "hold_expired", out)
         return out
 

@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gpiozero import Button, MotionSensor
 
+from edge.cells.debounce import ContactEdge
 from edge.cells.occupancy import SensorReading
 
 log = logging.getLogger("hallkiosk.cells.gpio")
 
-
-@dataclass(frozen=True, slots=True)
-class ContactEdge:
-    """A raw edge of a contact input (bounces included): debounce before use."""
-    cell: str
-    sensor: str
-    closed: bool
+__all__ = ["CellGpioSensors", "ContactEdge"]
 
 
 class CellGpioSensors:

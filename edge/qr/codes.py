@@ -129,6 +129,11 @@ class Appointment:
     not_after_s: int
     kid: str                 # 16 hex: which booking key signed it
 
+    def accepted_until_ms(self, leeway_s: int = DEFAULT_LEEWAY_S) -> int:
+        """The first Unix millisecond at which ``parse_qr`` refuses this code as expired: how
+        long the caller must remember it as used."""
+        return (self.not_after_s + 1 + leeway_s) * 1000
+
     def __repr__(self) -> str:
         # The id is left out: it is QR content, and it links to a person in the booking system.
         return (f"<Appointment service={self.service} hall={self.hall} "
@@ -253,7 +258,7 @@ def _check_window(not_before: int, not_after: int, now_ms: int, leeway_s: int) -
     leeway_ms = leeway_s * 1000
     if now_ms < not_before * 1000 - leeway_ms:
         raise _refuse("not_yet_valid")
-    # ``not_after`` is the last valid second, inclusive.
+    # ``not_after`` is the last valid second, inclusive (Appointment.accepted_until_ms).
     if now_ms >= (not_after + 1) * 1000 + leeway_ms:
         raise _refuse("expired")
 

@@ -13,6 +13,8 @@ of microseconds:
    differ from whatever was behind it.
 2. The reference is the *background*: the counter as it looks with nobody there. A frame
    matching it is skipped, and it refreshes the background (tracking daylight and exposure).
+   The last ``KNOWN_SCENES`` backgrounds are kept (see 5), so the empty counter is still
+   recognised when the person who became the background walks away.
 3. A frame matching the *held* scene, the frame of the last successful decode, is skipped
    too: the same code is still held still in front of the lens, and its sighting counts for
    repeat suppression.
@@ -49,6 +51,8 @@ from edge.clock import Clock
 #: Hard cap on the payloads remembered for repeat suppression (a hostile stream of distinct
 #: codes must not grow memory).
 MAX_REMEMBERED = 64
+#: Backgrounds remembered: the empty counter, and scenes adopted since (a person standing).
+KNOWN_SCENES = 3
 
 
 class Found(NamedTuple):
@@ -97,7 +101,7 @@ class QrPipeline:
 
     def __init__(self, *, clock: Clock, repeat_window_s: float = 3.0, sample_step: int = 8,
                  change_level: int = 28, change_samples: int = 16, settle_s: float = 2.0,
-                 still_every: int = 2, roi_margin: float = 0.6, roi_ttl_s: float = 1.0,
+                 still_every: int = 2, roi_margin: float = 0.25, roi_ttl_s: float = 1.0,
                  decoder: Decoder = zbar_decode) -> None:
         if repeat_window_s < 0 or settle_s <= 0 or roi_ttl_s < 0 or roi_margin < 0:
             raise ValueError("QrPipeline: times and margins must be positive")
@@ -115,7 +119,7 @@ class QrPipeline:
         self.roi_ttl_s = roi_ttl_s
         self.decoder = decoder
         self.stats = PipelineStats()
-        self._background: np.ndarray | None = None
+        self._backgrounds: list[np.ndarray] = []
         self._previous: np.ndarray | None = None
         self._held: np.ndarray | None = None
         self._held_payloads: tuple[bytes, ...] = ()
@@ -126,11 +130,13 @@ class QrPipeline:
         self._seen: OrderedDict[bytes, float] = OrderedDict()
 
     def reset(self) -> None:
-        """Forget the scene and the payloads seen (the camera was restarted)."""
-        self._background = self._previous = self._held = None
+        """Forget the scene (the camera was restarted and may see it differently). The
+        payloads seen are kept: a citizen still holding a code up across a camera restart
+        must not get a second ticket."""
+        self._backgrounds = []
+        self._previous = self._held = None
         self._held_payloads = ()
         self._roi = None
-        self._seen.clear()
 
     # -- the per-frame path ---------------------------------------------------------------
     def process(self, frame: np.ndarray) -> list[bytes]:
@@ -153,19 +159,21 @@ class QrPipeline:
         if self._held is not None:
             if not self._differs(sample, self._held):
                 for payload in self._held_payloads:
-                    self._sighted(payload, now)
+                    self._refresh(payload, now)
                 self.stats.skipped += 1
                 return []
             self._held, self._held_payloads = None, ()
 
-        if self._background is not None and not self._differs(sample, self._background):
-            self._background = sample
-            self.stats.skipped += 1
-            return []
+        for i, known in enumerate(self._backgrounds):
+            if not self._differs(sample, known):
+                del self._backgrounds[i]
+                self._backgrounds.insert(0, sample)
+                self.stats.skipped += 1
+                return []
 
         if not moved:
             if now - self._still_since >= self.settle_s:
-                self._background = sample
+                self._adopt(sample)
                 self.stats.adopted += 1
                 self.stats.skipped += 1
                 return []
@@ -174,9 +182,9 @@ class QrPipeline:
                 return []
 
         found = self._decode(frame, now)
-        if self._background is None and not found:
+        if not self._backgrounds and not found:
             # The very first frame: nothing to compare with, and no code in it.
-            self._background = sample
+            self._adopt(sample)
         if not found:
             return []
         self._held = sample
@@ -187,6 +195,10 @@ class QrPipeline:
                 fresh.append(f.payload)
         self.stats.decoded += len(fresh)
         return fresh
+
+    def _adopt(self, sample: np.ndarray) -> None:
+        self._backgrounds.insert(0, sample)
+        del self._backgrounds[KNOWN_SCENES:]
 
     def _differs(self, a: np.ndarray, b: np.ndarray) -> bool:
         return int(np.count_nonzero(np.abs(a - b) > self.change_level)) >= self.change_samples
@@ -212,19 +224,25 @@ class QrPipeline:
         y0 = min(f.top for f in found)
         x1 = max(f.left + f.width for f in found)
         y1 = max(f.top + f.height for f in found)
-        # zbar's box hugs the finder patterns; the margin covers the quiet zone zbar needs
-        # plus a frame's worth of hand movement.
+        # zbar's box hugs the symbol; the margin (a quarter of its size each side, 8 px at
+        # least) covers the quiet zone zbar needs (4 modules of 25-57) plus a frame's worth
+        # of hand movement.
         mx = int((x1 - x0) * self.roi_margin) + 8
         my = int((y1 - y0) * self.roi_margin) + 8
         self._roi = (max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my))
         self._roi_mono = now
 
-    def _sighted(self, payload: bytes, now: float) -> bool:
-        """Record a sighting; True when the payload is new (not seen within the window)."""
+    def _refresh(self, payload: bytes, now: float) -> float | None:
+        """Record a sighting at ``now``; returns the previous one's time, if remembered."""
         last = self._seen.pop(payload, None)
         self._seen[payload] = now
         while len(self._seen) > MAX_REMEMBERED:
             self._seen.popitem(last=False)
+        return last
+
+    def _sighted(self, payload: bytes, now: float) -> bool:
+        """A decode: True when the payload is new (not seen within the repeat window)."""
+        last = self._refresh(payload, now)
         if last is not None and now - last < self.repeat_window_s:
             self.stats.suppressed += 1
             return False
@@ -236,4 +254,4 @@ class QrPipeline:
                 f"decoded={s.decoded}>")
 
 
-__all__ = ["Decoder", "Found", "PipelineStats", "QrPipeline", "zbar_decode"]
+__all__ = ["KNOWN_SCENES", "Decoder", "Found", "PipelineStats", "QrPipeline", "zbar_decode"]

@@ -1,0 +1,99 @@
+"""Signed ops commands to a running agent over mTLS: accepted ones run and are answered,
+forged, replayed, expired and misaddressed ones are refused with a reason and an event."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from emulator.idcard import Card
+from provisioning.opsclient import OpsClient
+from tests.conftest import wait_for
+from tests.test_e2e_ticket import Recorder, _event_names, _last_state
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def ops(hall, tmp_path):
+    client = OpsClient(ops_id="ops", hall=hall.hall_id, key=hall.pki["ops"].key,
+                       keyring=hall.keyring, tls=hall.tls_for("ops"), host="127.0.0.1",
+                       port=hall.broker.port, state_dir=tmp_path / "ops-state").start()
+    yield client
+    client.stop()
+
+
+def _statuses(results) -> list[str]:
+    return [r.body["status"] for r in results]
+
+
+def test_out_of_service_reprint_and_back(hall, ops):
+    rec = Recorder(hall, f"hall/{hall.hall_id}/#")
+    kiosk = hall.add_kiosk("c1", services=(("A", "Citizen card", "A"),))
+    agent = kiosk.start_agent()
+    wait_for(lambda: _last_state(rec)["status"] == "online", what="online")
+
+    kiosk.reader.present(Card.valid())
+    assert kiosk.printer.wait_for_tickets(1, 10)
+
+    _, _, nonce = ops.send("c1", "out_of_service", {"reason": "cleaning"})
+    assert _statuses(ops.wait_result(nonce, count=2)) == ["accepted", "done"]
+    wait_for(lambda: _last_state(rec)["status"] == "out_of_service", what="out of service")
+    assert "cleaning" in _last_state(rec)["reason"]
+    kiosk.reader.present(Card.valid())
+    wait_for(lambda: "citizen_refused" in _event_names(rec), what="citizen refused")
+
+    _, _, nonce = ops.send("c1", "reprint_last")
+    assert _statuses(ops.wait_result(nonce, count=2)) == ["accepted", "done"]
+    assert kiosk.printer.wait_for_tickets(2, 10)
+    assert "Reprint" in kiosk.printer.tickets[1].text and "A-01-0001" in kiosk.printer.tickets[1].text
+
+    _, _, nonce = ops.send("c1", "back_in_service")
+    assert _statuses(ops.wait_result(nonce, count=2)) == ["accepted", "done"]
+    wait_for(lambda: _last_state(rec)["status"] == "online", what="back online")
+
+    _, _, nonce = ops.send("c1", "diagnostics")
+    done = ops.wait_result(nonce, count=2)[-1]
+    assert done.body["status"] == "done" and done.body["detail"]["mode"] == "online"
+    assert agent.store.depth() in (0, 1)
+
+
+def test_replayed_expired_misaddressed_and_forged_commands_are_refused(hall, ops):
+    rec = Recorder(hall, f"hall/{hall.hall_id}/#")
+    kiosk = hall.add_kiosk("c2", services=(("A", "Citizen card", "A"),))
+    kiosk.start_agent()
+    wait_for(lambda: _last_state(rec)["status"] == "online", what="online")
+
+    topic, payload, nonce = ops.send("c2", "diagnostics")
+    assert ops.wait_result(nonce, count=2)
+    # Replayed: the same signed bytes again.
+    ops.link.publish(topic, payload, qos=1)
+    wait_for(lambda: any(r.body["status"] == "refused" and r.body["reason"].startswith("replayed")
+                         for r in ops.wait_result(nonce, count=3, timeout_s=5)), what="replay refused")
+    # Expired.
+    _, _, nonce = ops.send("c2", "restart", expires_at_ms=int(hall_clock_ms() - 60_000))
+    res = ops.wait_result(nonce)
+    assert res and res[0].body["status"] == "refused" and "expired" in res[0].body["reason"]
+    # Forged: signed by a key the hall never enrolled, claiming to be ops.
+    from mqtt_topics.envelope import Signer
+    forger = Signer(Ed25519PrivateKey.generate(), sender="ops", boot_id="0" * 32,
+                    next_seq=iter(range(10**9, 10**10)).__next__)
+    body = {"name": "restart", "args": {}, "target": "c2", "nonce": "F" * 24,
+            "expires_at_ms": int(hall_clock_ms() + 60_000)}
+    ops.link.publish(topic, forger.seal(topic, "cmd", body), qos=1)
+    wait_for(lambda: "command_refused" in _event_names(rec) and
+             any(json.loads(m.payload)["body"]["detail"].get("code") == "unknown_key"
+                 for m in rec.of_kind("/event")
+                 if json.loads(m.payload)["body"]["name"] == "command_refused"),
+             what="forged command refused as unknown_key")
+    codes = {json.loads(m.payload)["body"]["detail"]["code"] for m in rec.of_kind("/event")
+             if json.loads(m.payload)["body"]["name"] == "command_refused"}
+    assert {"replayed", "expired", "unknown_key"} <= codes
+    assert kiosk.agent is not None and not kiosk.agent._stopping.is_set()   # nothing obeyed
+
+
+def hall_clock_ms() -> float:
+    import time
+    return time.time() * 1000
