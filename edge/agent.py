@@ -28,7 +28,10 @@ from edge.keys import load_private_key, load_secret, public_from_raw
 from edge.commands import CommandGate, Refusal
 from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, PublishDone, Will
 from edge.printing import PrinterHandle
+from edge.peripherals import Peripherals
 from edge.publisher import Publisher
+from edge.qr import QrScanned, QrUnreadable
+from edge.staffcall import StaffCallPressed
 from edge.remote import RemoteCommands
 from edge.sdnotify import Notifier
 from edge.session import SessionMachine
@@ -50,7 +53,7 @@ class Reload:
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, clock: Clock = SYSTEM_CLOCK, pin_factory=None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, frame_source=None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.events: queue.Queue[object] = queue.Queue()
@@ -84,7 +87,12 @@ class Agent:
                              subscriptions=((self.topics.ticket_ack, 1), (self.topics.cmd, 1)),
                              make_will=self._make_will, tls=tls, name=cfg.kiosk.device_id)
         self.publisher = Publisher(self.link, self.signer, self.topics)
-        self.health = Health((READER, PRINTER, BROKER, STORE, CLOCK), clock=clock,
+        factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.gpio.pin_factory)
+        self.extras = Peripherals(cfg, sink=self.events.put, clock=clock, pin_factory=factory,
+                                  frame_source=frame_source)
+        self.cell = self.extras.cell
+        self.staff_call = self.extras.staff
+        self.health = Health((READER, PRINTER, BROKER, STORE, CLOCK, *self.extras.parts), clock=clock,
                              loop_stall_s=ua.loop_stall_s,
                              link_probe_interval_s=ua.link_probe_interval_s,
                              link_probe_timeout_s=ua.link_probe_timeout_s)
@@ -93,7 +101,8 @@ class Agent:
         categories = tuple(s.category for s in cfg.services)
         self.status = KioskStatus(health=self.health, notifier=self.notifier,
                                   publisher=self.publisher, categories=categories,
-                                  direct_to=ua.direct_to, clock=clock, on_mode=self._on_mode)
+                                  direct_to=ua.direct_to, clock=clock, on_mode=self._on_mode,
+                                  extra=self.cell.state_extra if self.cell else dict)
         self.printer = PrinterHandle(cfg.printer.port, timeout_s=cfg.printer.timeout_s,
                                      encoding=cfg.printer.encoding, clock=clock)
         self._trusted = clock_trusted if cfg.clock.trust == "kernel" else (lambda: True)
@@ -107,14 +116,15 @@ class Agent:
                                       clock=clock)
         board = cfg.board
         used = {s.button for s in cfg.services}
-        factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.gpio.pin_factory)
         self.panel = ServicePanel({r: p for r, p in board.service_buttons.items() if r in used},
                                   {r: p for r, p in board.service_leds.items() if r in used},
                                   board.status_led, sink=self.events.put, pin_factory=factory)
         self.citizens = CitizenDesk(cfg=cfg, machine=self.machine, desk=desk, sender=self.sender,
                                     publisher=self.publisher, panel=self.panel,
                                     printer=self.printer, secret=self.secret, clock=clock,
-                                    mode=lambda: self.status.mode, on_printer=self._on_printer)
+                                    mode=lambda: self.status.mode, on_printer=self._on_printer,
+                                    store=self.store, clock_trusted=self._trusted)
+        self._session_active = False
         self.reader = IdCardWorker(cfg.reader.port, sink=self.events.put,
                                    poll_interval_s=cfg.reader.poll_interval_s,
                                    timeout_s=cfg.reader.timeout_s, clock=clock)
@@ -147,6 +157,7 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self.reader.start()
+        self.extras.start()
         self.link.start()
         self.health.watch_thread("idcard-worker", self.reader.is_alive)
         self.health.watch_thread("mqtt-link", lambda: self.link.alive)
@@ -188,12 +199,17 @@ class Agent:
         deadlines = [d for d in (self.citizens.next_deadline(), self.sender.next_deadline(),
                                  self.poll.next_deadline()) if d is not None]
         deadlines += self.status.deadlines()
+        if self.cell is not None and self.cell.next_deadline() is not None:
+            deadlines.append(self.cell.next_deadline())
         # The watchdog's liveness check wants a turn at least every loop_stall_s / 2.
         deadlines.append(self.clock.monotonic() + self.cfg.unattended.loop_stall_s / 2)
         return max(0.0, min(deadlines) - self.clock.monotonic())
 
     def _tick(self) -> None:
         self.citizens.tick()
+        if self.cell is not None:
+            self._cell_update(self.cell.tick())
+        self._sync_cell_session()
         try:
             self.sender.tick()
         except StateError as exc:
@@ -215,6 +231,7 @@ class Agent:
             self.notifier.stopping("stopping")
         self.citizens.end_session("agent stopping")
         self.reader.stop()
+        self.extras.stop()
         self._drain_acks(min(3.0, self.cfg.unattended.stop_timeout_s / 2))
         if not reloading and not self.status.publish_offline("agent stopped"):
             log.info("offline state not published (broker unreachable)")
@@ -244,6 +261,9 @@ class Agent:
             self.status.refresh()
         try:
             self._dispatch(ev)
+            if self.cell is not None:
+                self._cell_update(self.cell.handle(ev))
+            self._sync_cell_session()
         except StateError as exc:
             # The durable store failed (disk full, SD card dying): no ticket can be committed,
             # so the kiosk goes out of service instead of crashing in a restart loop.
@@ -265,6 +285,13 @@ class Agent:
             self._on_link_up(ev)
         elif isinstance(ev, LinkDown):
             log.warning("broker link down: %s (outbox %d)", ev.reason, self.store.depth())
+        elif isinstance(ev, QrScanned):
+            self.citizens.on_qr(ev.payload, ev.source)
+        elif isinstance(ev, QrUnreadable):
+            self.publisher.event("qr_unreadable", "info", f"qr-{ev.source}", reason=ev.reason)
+        elif isinstance(ev, StaffCallPressed):
+            if self.staff_call is not None:
+                self._notice(self.staff_call.press(ev.source, ev.cell))
         elif isinstance(ev, CardUnreadable):
             self.publisher.event("card_unreadable", "info", "idcard-reader", reason=ev.reason)
         elif isinstance(ev, DeviceFault):
@@ -285,6 +312,28 @@ class Agent:
         if sent:
             log.info("re-sent %d unacknowledged tickets", sent)
         self.publisher.flush_events()
+
+    # -- the privacy cell and the staff call -----------------------------------------------------
+    def _notice(self, notice) -> None:
+        if notice is not None:
+            self.publisher.event(notice.name, notice.severity, notice.subject, **notice.detail)
+
+    def _cell_update(self, update) -> None:
+        if update is None:
+            return
+        for notice in update.notices:
+            self._notice(notice)
+        if update.vacated:
+            # The citizen left the booth: the session ends, and all personal data with it.
+            self.citizens.end_session("cell vacant")
+        if update.changed:
+            self.status.publish_state()
+
+    def _sync_cell_session(self) -> None:
+        active = self.machine.active
+        if self.cell is not None and active != self._session_active:
+            self._session_active = active
+            self._cell_update(self.cell.set_session(active))
 
     def _on_command(self, payload: bytes, topic: str) -> None:
         """Answer every command: refused (with the gate's reason and an event), or accepted

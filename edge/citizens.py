@@ -31,7 +31,8 @@ class CitizenDesk:
                  sender: OutboxSender, publisher: Publisher, panel: ServicePanel,
                  printer: PrinterHandle, secret: bytes, clock: Clock,
                  mode: Callable[[], ServiceMode],
-                 on_printer: Callable[[object, BaseException | None], None]) -> None:
+                 on_printer: Callable[[object, BaseException | None], None],
+                 store=None, clock_trusted: Callable[[], bool] = lambda: True) -> None:
         self.cfg = cfg
         self.machine = machine
         self.desk = desk
@@ -44,6 +45,13 @@ class CitizenDesk:
         self._mode = mode
         self._on_printer = on_printer
         self.accepting = True            # False once SIGTERM arrived: no new citizens
+        self.store = store
+        self.clock_trusted = clock_trusted
+        from edge.keys import public_from_raw
+        from edge.qr.codes import trusted_keys
+
+        self._booking = trusted_keys([public_from_raw(k) for k in cfg.qr.booking_keys])
+        self._eid = trusted_keys([public_from_raw(k) for k in cfg.qr.eid_keys])
 
     # -- identification -------------------------------------------------------------------
     def on_card(self, card) -> None:
@@ -61,6 +69,41 @@ class CitizenDesk:
             self.publisher.event("card_rejected", "info", "idcard-reader", reason=str(exc))
             return
         self._begin("idcard", card.identity_hash(self.secret), card)
+
+    def on_qr(self, payload: bytes, source: str) -> None:
+        """A QR code from the camera or the scanner: untrusted input. Never logged or echoed;
+        only the refusal's reason word is published."""
+        from edge.qr.codes import Appointment, QrRefused, parse_qr
+
+        subject = f"qr-{source}"
+        mode = self._mode()
+        if not self.accepting or not mode.qr_ok:
+            why = "shutting down" if not self.accepting else (mode.reason or "not offered")
+            self.publisher.event("citizen_refused", "info", subject, reason=why,
+                                 direct_to=mode.direct_to)
+            return
+        if not self.clock_trusted():
+            # Validity windows cannot be judged on a clock that may be years off.
+            self.publisher.event("qr_refused", "info", subject, reason="clock_not_trusted")
+            return
+        now_ms = int(self.clock.wall() * 1000)
+        used = (lambda code_id: self.store.code_used(code_id, now_ms)) if self.store else None
+        try:
+            code = parse_qr(payload, booking_keys=self._booking, eid_keys=self._eid,
+                            hall=self.cfg.kiosk.hall, now_ms=now_ms, used=used,
+                            leeway_s=self.cfg.qr.leeway_s)
+        except QrRefused as exc:
+            self.publisher.event("qr_refused", "info", subject, reason=exc.reason)
+            return
+        if isinstance(code, Appointment):
+            if code.service not in self.machine.categories:
+                self.publisher.event("qr_refused", "info", subject, reason="service_not_offered")
+                return
+            if self.machine.begin("qr", None, service=code.service) is Phase.ISSUING:
+                self.issue(priority="appointment", appointment_id=code.appointment_id,
+                           appointment_expires_ms=code.accepted_until_ms(self.cfg.qr.leeway_s))
+            return
+        self._begin("qr", code.identity_hash(self.secret), code)      # a citizen's e-ID
 
     def _begin(self, source: str, citizen: str | None, personal=None) -> None:
         phase = self.machine.begin(source, citizen, personal)
@@ -126,7 +169,7 @@ class CitizenDesk:
             self.sender.send(entry)
             log.info("ticket %s issued (printed=%s)", entry.ticket_id, failure is None)
         except CodeAlreadyUsed:
-            self.publisher.event("qr_refused", "info", "qr", reason="already_used")
+            self.publisher.event("qr_refused", "info", "qr-code", reason="already_used")
         except DeviceError as exc:
             self.publisher.event("ticket_refused", "warning", "ticket-printer", reason=str(exc))
         finally:

@@ -156,6 +156,59 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CameraConfig:
+    """The QR camera (picamera2 on the Pi, imported only when enabled)."""
+
+    enabled: bool
+    camera_num: int
+    fps: float
+    repeat_window_s: float
+    settle_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class QrScannerConfig:
+    """A GM65-class serial QR scanner: payloads framed by a terminator or an idle gap."""
+
+    port: str | None                 # None: no scanner fitted
+    baudrate: int
+    terminator: str
+    idle_gap_s: float
+    max_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class QrConfig:
+    """Keys the kiosk accepts QR codes from (base64 raw Ed25519): the hall's booking service
+    (appointments) and e-ID issuers (a citizen's own code); ``leeway_s`` for clock skew."""
+
+    booking_keys: tuple[bytes, ...]
+    eid_keys: tuple[bytes, ...]
+    leeway_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class CellConfig:
+    """The privacy cell this kiosk stands in (docs: edge/cells). Sensors: PIR and door on
+    the board's occupancy pins, an LD2410 radar and/or a Pico sensor node on serial."""
+
+    id: str
+    pir: bool
+    door: bool
+    radar_port: str | None
+    node_port: str | None
+    indicator_pin: int | None
+    min_presence_s: float
+    hold_s: float
+    hold_motion_only_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StaffCallConfig:
+    repeat_after_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class CommandsConfig:
     """Signed ops commands: how far ahead a command may expire (its replay window)."""
 
@@ -211,6 +264,11 @@ class AgentConfig:
     unattended: UnattendedConfig
     tls: TlsConfig | None
     commands: CommandsConfig
+    camera: CameraConfig
+    qr_scanner: QrScannerConfig
+    qr: QrConfig
+    cell: CellConfig | None
+    staff_call: StaffCallConfig
     services: tuple[ServiceConfig, ...]
     board: BoardProfile
 
@@ -466,7 +524,9 @@ class _Table:
 _KIOSK_KEYS = ("device_id", "hall", "number_prefix", "board", "state_dir")
 _BROKER_KEYS = ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s", "client_id")
 _TOP = ("kiosk", "hall", "broker", "keys", "tls", "commands", "devices", "gpio", "session",
-        "clock", "unattended", "services")
+        "clock", "unattended", "qr", "cell", "staff_call", "services")
+_CELL_KEYS = ("id", "pir", "door", "radar_port", "node_port", "indicator_pin", "min_presence_s",
+              "hold_s", "hold_motion_only_s")
 _TLS_KEYS = ("ca_file", "cert_file", "crl_file", "trusted_certs", "warn_days")
 _UNATTENDED_KEYS = ("direct_to", "loop_stall_s", "link_probe_interval_s", "link_probe_timeout_s",
                     "printer_check_s", "printer_recheck_s", "stop_timeout_s")
@@ -491,7 +551,7 @@ class _Validator:
         broker = self._broker(top.table("broker", _BROKER_KEYS),
                               kiosk.device_id if kiosk else None)
         keys = self._keys(top.table("keys", ("device_key", "trusted"), required=True))
-        devices = top.table("devices", ("reader", "printer"))
+        devices = top.table("devices", ("reader", "printer", "camera", "qr_scanner"))
         reader = self._reader(devices.table("reader", ("port", "poll_interval_s", "timeout_s")),
                               board)
         printer = self._printer(devices.table("printer", ("port", "timeout_s", "encoding")),
@@ -502,17 +562,26 @@ class _Validator:
         unattended = self._unattended(top.table("unattended", _UNATTENDED_KEYS), broker)
         tls = self._tls(top, top.table("tls", _TLS_KEYS))
         window = top.table("commands", ("window_s",)).seconds("window_s", 300.0, 1, 3600)
+        camera = self._camera(devices.table("camera", ("enabled", "camera_num", "fps",
+                                                       "repeat_window_s", "settle_s")))
+        scanner = self._scanner(devices.table("qr_scanner", ("port", "baudrate", "terminator",
+                                                             "idle_gap_s", "max_len")))
+        qr = self._qr(top.table("qr", ("booking_keys", "eid_keys", "leeway_s")))
+        cell = self._cell(top, top.table("cell", _CELL_KEYS), board)
+        staff = top.table("staff_call", ("repeat_after_s",)).seconds("repeat_after_s", 60.0, 5, 3600)
         services = self._services(top, board)
         self._ports(reader, printer, board)
         parts = (kiosk, board, hall, broker, keys, reader, printer, gpio, session, services, clock,
-                 unattended, tls, window)
+                 unattended, tls, window, camera, scanner, qr, cell, staff)
         if self.problems or any(part is None for part in parts):
             return None
         return AgentConfig(source=Path(self.source), digest=digest, kiosk=kiosk, hall=hall,
                            broker=broker, keys=keys, reader=reader, printer=printer, gpio=gpio,
                            session=session, services=services, board=board,
                            clock=ClockConfig(clock), unattended=unattended,
-                           tls=tls or None, commands=CommandsConfig(window))
+                           tls=tls or None, commands=CommandsConfig(window), camera=camera,
+                           qr_scanner=scanner, qr=qr, cell=cell or None,
+                           staff_call=StaffCallConfig(staff))
 
     def _kiosk(self, t: _Table) -> tuple[KioskConfig | None, BoardProfile | None]:
         device_id = t.string("device_id", pattern=_ID, rule=_ID_RULE)
@@ -689,6 +758,69 @@ class _Validator:
                                           f"(use one of: {', '.join(board.pin_factories)})")
             return None
         return GpioConfig(factory)
+
+    def _flag(self, t: _Table, key: str, default: bool) -> bool | None:
+        value = t.data.get(key, default)
+        if not isinstance(value, bool):
+            self.add(t.at(key), f"expected true or false, found {_found(value)}")
+            return None
+        return value
+
+    def _camera(self, t: _Table) -> CameraConfig | None:
+        values = (self._flag(t, "enabled", False), t.integer("camera_num", 0, 0, 7),
+                  t.seconds("fps", 30.0, 5, 60), t.seconds("repeat_window_s", 3.0, 0, 60),
+                  t.seconds("settle_s", 2.0, 0.5, 30))
+        return None if any(v is None for v in values) else CameraConfig(*values)
+
+    def _scanner(self, t: _Table) -> QrScannerConfig | None:
+        port = t.port("port")
+        values = (t.integer("baudrate", 9600, 1200, 921600),
+                  t.choice("terminator", "CR", ("CR", "LF", "CRLF", "TAB", "NONE")),
+                  t.seconds("idle_gap_s", 0.08, 0.02, 2), t.integer("max_len", 512, 16, 4096))
+        return None if any(v is None for v in values) else QrScannerConfig(port, *values)
+
+    def _keys_list(self, t: _Table, key: str) -> tuple[bytes, ...] | None:
+        raw = t.data.get(key, [])
+        if not isinstance(raw, list):
+            self.add(t.at(key), f"expected a list of base64 Ed25519 public keys, found {_found(raw)}")
+            return None
+        out = []
+        for i, item in enumerate(raw):
+            try:
+                key_bytes = base64.b64decode(item, validate=True) if isinstance(item, str) else b""
+            except ValueError:
+                key_bytes = b""
+            if len(key_bytes) != 32:
+                self.add(f"{t.at(key)}[{i}]", "expected base64 of a raw 32-byte Ed25519 public key")
+                return None
+            out.append(key_bytes)
+        return tuple(out)
+
+    def _qr(self, t: _Table) -> QrConfig | None:
+        values = (self._keys_list(t, "booking_keys"), self._keys_list(t, "eid_keys"),
+                  t.integer("leeway_s", 60, 0, 600))
+        return None if any(v is None for v in values) else QrConfig(*values)
+
+    def _cell(self, top: _Table, t: _Table, board: BoardProfile | None) -> CellConfig | bool | None:
+        if "cell" not in top.data:
+            return False
+        cid = t.string("id", pattern=_ID, rule=_ID_RULE)
+        pir, door = self._flag(t, "pir", True), self._flag(t, "door", True)
+        radar, node = t.port("radar_port"), t.port("node_port")
+        indicator = t.integer("indicator_pin", None, 0, 27)
+        timings = (t.seconds("min_presence_s", 0.8, 0.1, 5), t.seconds("hold_s", 20.0, 5, 600),
+                   t.seconds("hold_motion_only_s", 60.0, 10, 900))
+        if board is not None:
+            for flag, role in ((pir, "pir"), (door, "door")):
+                if flag and role not in board.occupancy:
+                    self.add(t.at(role), f"board '{board.model}' has no occupancy pin for '{role}'")
+                    return None
+        if None in (cid, pir, door) or any(v is None for v in timings):
+            return None
+        if not (pir or door or radar or node):
+            self.add(t.path, "a cell needs at least one sensor (pir, door, radar_port or node_port)")
+            return None
+        return CellConfig(cid, pir, door, radar, node, indicator, *timings)
 
     def _tls(self, top: _Table, t: _Table) -> TlsConfig | bool | None:
         """False (no TLS) when the section is absent, None when it is invalid."""

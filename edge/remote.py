@@ -11,7 +11,7 @@ Every command is answered on ``cmd/result``: ``accepted`` at once, then ``done``
 - ``diagnostics``: write a diagnostics bundle (no personal data) to the state dir and
   answer with its summary;
 - ``restart``: exit cleanly; systemd (Restart=always) starts the agent again;
-- ``staff_call_ack`` [cell]: staff are on their way (clears the "call pending" LED).
+- ``staff_call_ack`` [call]: staff are on their way (clears the "call pending" LED).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class RemoteCommands:
         args = cmd.args or {}
         if cmd.name not in COMMANDS:
             return "failed", f"unknown command {cmd.name!r}", {"known": ",".join(COMMANDS)}
+        if cmd.name == "staff_call_ack":
+            return self._staff_call_ack(args, cmd.sender)
         handler: Callable[[dict[str, Any]], Outcome] = getattr(self, f"_{cmd.name}")
         try:
             return handler(args)
@@ -104,13 +106,16 @@ class RemoteCommands:
         self.agent.stop("restart requested by ops")
         return "done", None, {"note": "exiting; systemd restarts the agent"}
 
-    def _staff_call_ack(self, args: dict[str, Any]) -> Outcome:
+    def _staff_call_ack(self, args: dict[str, Any], sender: str) -> Outcome:
         staff = getattr(self.agent, "staff_call", None)
         if staff is None:
             return "failed", "this kiosk has no staff-call button", {}
-        cell = args.get("cell")
-        acked = staff.acknowledge(cell if isinstance(cell, str) else None)
-        return "done", None, {"acknowledged": acked}
+        call = args.get("call")
+        notice = staff.acknowledge(call if isinstance(call, str) else None, by=sender)
+        if notice is None:
+            return "failed", "no staff call pending", {}
+        self.agent._notice(notice)
+        return "done", None, {"call": notice.detail.get("call")}
 
 
 __all__ = ["COMMANDS", "RemoteCommands"]

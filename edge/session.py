@@ -52,17 +52,19 @@ class SessionMachine:
         self.session: Session | None = None
         self._deadline: float | None = None
 
-    def begin(self, source: str, citizen: str | None, card: Any = None) -> Phase:
+    def begin(self, source: str, citizen: str | None, card: Any = None, *,
+              service: str | None = None) -> Phase:
         """A citizen identified themselves. Replaces (and wipes) any unfinished session,
-        except one whose ticket is being issued."""
+        except one whose ticket is being issued. ``service``: already chosen (an
+        appointment code names its service), so no choice is asked for."""
         if self.phase is Phase.ISSUING:
             if card is not None:
                 card.wipe()
             return self.phase
         self.end()
         self.session = Session(source, citizen, self.clock.monotonic(), card)
-        if len(self.categories) == 1:
-            self.session.service = self.categories[0]
+        if service is not None or len(self.categories) == 1:
+            self.session.service = service if service is not None else self.categories[0]
             self.phase = Phase.ISSUING
         else:
             self.phase = Phase.CHOOSING
@@ -83,6 +85,10 @@ class SessionMachine:
 
     def next_deadline(self) -> float | None:
         return self._deadline
+
+    @property
+    def active(self) -> bool:
+        return self.phase is not Phase.IDLE
 
     def expire(self) -> bool:
         """Called when the deadline passed: True when the session timed out (and was wiped)."""

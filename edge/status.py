@@ -23,7 +23,8 @@ log = logging.getLogger("hallkiosk.status")
 class KioskStatus:
     def __init__(self, *, health: Health, notifier: Notifier, publisher: Publisher,
                  categories: tuple[str, ...], direct_to: str, clock: Clock,
-                 on_mode: Callable[[ServiceMode], None]) -> None:
+                 on_mode: Callable[[ServiceMode], None],
+                 extra: Callable[[], dict] = dict) -> None:
         self.health = health
         self.notifier = notifier
         self.publisher = publisher
@@ -31,6 +32,7 @@ class KioskStatus:
         self.direct_to = direct_to
         self.clock = clock
         self._on_mode = on_mode
+        self._extra = extra                   # more retained-state fields (the cell's state)
         self.hold: str | None = None          # out of service by command, or shutting down
         self.session_no = 0                   # MQTT session counter (birth and death)
         self.will_seq: int | None = None      # the seq the current will was sealed with
@@ -72,6 +74,9 @@ class KioskStatus:
                     "since_ms": self._now_ms(), "reason": offline_reason, "services": []}
         body = {"session": self.session_no, "agent_version": __version__, "since_ms": self._since_ms,
                 **state_fields(self.mode, self.categories)}
+        more = self._extra()
+        if more:
+            body["extra"] = {**body.get("extra", {}), **more}
         if self.will_seq is not None:
             # The will was sealed (and took its seq) before this connection: consumers must
             # not count that seq as a lost message (docs/mqtt-contract.md).

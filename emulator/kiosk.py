@@ -22,11 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-from edge.keys import write_private_file
+from edge.keys import public_b64, write_private_file
 from provisioning.emulated import provision_emulated_hall
 from emulator.broker import MosquittoBroker
 from emulator.idcard import Card, EmulatedReader
 from emulator.printer import EmulatedPrinter
+
+#: A free BCM pin on every shipped board for the cell's indicator LED.
+CELL_INDICATOR_PIN = 22
 
 DEFAULT_SERVICES = (("A", "Citizen card", "A"), ("B", "Social insurance", "B"),
                     ("C", "Property registration", "C"))
@@ -59,7 +62,10 @@ class Leds:
 class EmulatedKiosk:
     def __init__(self, hall: "EmulatedHall", device_id: str, *, prefix: str,
                  services=DEFAULT_SERVICES, board: str = "rpi4b", poll_interval_s: float = 0.1,
-                 choose_timeout_s: float = 20.0, clock_trust: str = "assume_synced") -> None:
+                 choose_timeout_s: float = 20.0, clock_trust: str = "assume_synced",
+                 qr: bool = False, cell: str | None = None, cell_hold_s: float = 5.0) -> None:
+        from gpiozero.pins.mock import MockFactory
+
         from boards import load_board
 
         self.hall = hall
@@ -75,17 +81,47 @@ class EmulatedKiosk:
         self.key = self.identity.key
         hall.trust_kiosk(self.identity)
         self.services = tuple(services)
+        # GPIO: the MockFactory the in-process agent's gpiozero devices use; buttons, LEDs and
+        # the cell's PIR and door switch are its pins.
+        self.factory = MockFactory()
+        used = {b for _, _, b in self.services}
+        self.buttons = Buttons(self.factory, {r: p for r, p in self.board.service_buttons.items() if r in used})
+        self.leds = Leds(self.factory, {r: p for r, p in self.board.service_leds.items() if r in used})
+        self.staff_button = (Buttons(self.factory, {"staff": self.board.staff_call_button})
+                             if self.board.staff_call_button is not None else None)
+        self.camera = self.scanner = None
+        if qr:
+            from emulator.camera import EmulatedCamera
+            from emulator.qrscanner import EmulatedQrScanner
+
+            self.camera = EmulatedCamera(fps=30.0, seed=len(hall.kiosks))
+            self.scanner = EmulatedQrScanner(self.dir / "dev" / "qrscanner")
+        self.cell = None
+        self.cell_hold_s = cell_hold_s
+        if cell is not None:
+            from emulator.cells import EmulatedCell
+
+            occ = self.board.occupancy
+            self.cell = EmulatedCell(cell, self.dir, factory=self.factory, pir_pin=occ.get("pir"),
+                                     door_pin=occ.get("door"), indicator_pin=CELL_INDICATOR_PIN)
         self.config_path = self.dir / "agent.toml"
         self.clock_trust = clock_trust
         self._write_config(prefix, board, poll_interval_s, choose_timeout_s)
-        self.factory = None
-        self.buttons: Buttons | None = None
-        self.leds: Leds | None = None
         self.agent = None
         self._agent_thread: threading.Thread | None = None
         self.proc: subprocess.Popen | None = None
 
     def _write_config(self, prefix: str, board: str, poll_interval_s: float, choose_timeout_s: float) -> None:
+        qr = ""
+        if self.scanner is not None:
+            qr = (f'[devices.qr_scanner]\nport = "{self.scanner.path}"\n\n'
+                  f'[qr]\nbooking_keys = ["{public_b64(self.hall.booking.public_key)}"]\n'
+                  f'eid_keys = ["{public_b64(self.hall.eid.public_key)}"]\n')
+        cell = ""
+        if self.cell is not None:
+            cell = (f'[cell]\nid = "{self.cell.id}"\nindicator_pin = {CELL_INDICATOR_PIN}\n'
+                    f'hold_s = {self.cell_hold_s}\nhold_motion_only_s = {max(10.0, self.cell_hold_s)}\n'
+                    f'min_presence_s = 0.3\n')
         services = "\n".join(
             f'[[services]]\ncategory = "{c}"\nname = "{n}"\nbutton = "{b}"\n' for c, n, b in self.services)
         clock_trust = self.clock_trust
@@ -136,21 +172,18 @@ choose_timeout_s = {choose_timeout_s}
 # The emulator runs on a developer machine whose clock is what it is.
 trust = "{clock_trust}"
 
+{qr}
+{cell}
+
 {services}""")
 
     # -- the agent, in this process (GPIO scriptable) -----------------------------------
     def start_agent(self, *, wait_ready_s: float = 10.0):
-        from gpiozero.pins.mock import MockFactory
-
         from edge.agent import Agent
         from edge.config import load_config
 
         cfg = load_config(self.config_path)
-        self.factory = MockFactory()
-        used = {b for _, _, b in self.services}
-        self.buttons = Buttons(self.factory, {r: p for r, p in self.board.service_buttons.items() if r in used})
-        self.leds = Leds(self.factory, {r: p for r, p in self.board.service_leds.items() if r in used})
-        self.agent = Agent(cfg, pin_factory=self.factory)
+        self.agent = Agent(cfg, pin_factory=self.factory, frame_source=self.camera)
         self._agent_thread = threading.Thread(target=self.agent.run, name=f"agent-{self.device_id}", daemon=True)
         self._agent_thread.start()
         if not self.agent.ready.wait(wait_ready_s):
@@ -185,6 +218,10 @@ trust = "{clock_trust}"
                 self.proc.wait(5)
         self.reader.close()
         self.printer.close()
+        if self.scanner is not None:
+            self.scanner.close()
+        if self.cell is not None:
+            self.cell.close()
 
 
 class EmulatedHall:
@@ -207,6 +244,12 @@ class EmulatedHall:
         # (consumer) and ops, so one keyring verifies everything seen on the hall's topics.
         self.keyring = self.pki.keyring()
         self.broker = MosquittoBroker(self.dir / "broker", conf_text=self.pki.broker_conf_text)
+        # The hall's online booking (appointment QR codes) and an e-ID issuer (citizens'
+        # own QR codes), each with its own Ed25519 key the kiosks are configured to trust.
+        from emulator.booking import BookingService, EidIssuer
+
+        self.booking = BookingService(hall_id)
+        self.eid = EidIssuer()
         self.auditor: "Auditor | None" = None
         self.kiosks: dict[str, EmulatedKiosk] = {}
         self.consumer = None

@@ -358,6 +358,7 @@ def test_serial_role_with_no_port_anywhere(site, tmp_path, monkeypatch):
     profile = tmp_path / "noprinter.toml"
     profile.write_text('model = "noprinter"\ndescription = "x"\n[gpio]\n'
                        'service_buttons = { A = 5, B = 6, C = 13 }\n'
+                       'occupancy = { pir = 17, door = 27 }\n'
                        '[serial]\nidcard_reader = "/dev/ttyUSB0"\n')
     monkeypatch.setattr(config, "BOARD_NAMES", (*boards.BOARD_NAMES, "noprinter"))
     monkeypatch.setattr(config, "load_board", lambda name: boards.load_board_file(profile))
