@@ -16,11 +16,12 @@ setup:
 demo: setup
 	$(PY) -m hallkiosk.cli demo --out demo-out
 
+# The QEMU boot is its own tier (make qemu-test): it is deselected here, not skipped.
 test: setup
-	$(PYTEST) -q -p no:cacheprovider
+	$(PYTEST) -q -p no:cacheprovider -m "not qemu"
 
 test-fast: setup
-	$(PYTEST) -q -p no:cacheprovider -m "not e2e"
+	$(PYTEST) -q -p no:cacheprovider -m "not e2e and not qemu"
 
 bench: setup
 	$(PY) -m hallkiosk.cli bench --out bench-out

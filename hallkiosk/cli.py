@@ -31,14 +31,6 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger(args: argparse.Namespace) -> int:
-    from edge.logs import setup_logging
-    from ops.ledger_main import run_ledger
-
-    setup_logging(args.log_level)
-    return run_ledger(args.config)
-
-
 def _demo(args: argparse.Namespace) -> int:
     from emulator.demo import run_demo
 
@@ -66,20 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", type=Path, default=Path("/etc/hallkiosk/agent.toml"))
     c.set_defaults(func=_check_config)
 
-    lg = sub.add_parser("ledger", help="run the hall's ticket consumer (verify, store, acknowledge)")
-    lg.add_argument("--config", type=Path, required=True)
-    lg.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    lg.set_defaults(func=_ledger)
-
     d = sub.add_parser("demo", help="one emulated kiosk, a real local broker, a stream of citizens")
     d.add_argument("--out", default="demo-out", help="where the rendered tickets are left")
     d.add_argument("--citizens", type=int, default=8)
     d.set_defaults(func=_demo)
 
-    b = sub.add_parser("bench", help="tap-to-ticket latency, idle RSS/CPU, start-to-ready")
+    b = sub.add_parser("bench", help="all benchmarks: ticket path, QR pipeline, ops ingest")
     b.add_argument("--out", default="bench-out")
     b.add_argument("--tickets", type=int, default=200)
     b.set_defaults(func=_bench)
+
+    # Subcommands owned by their packages (each module builds its own parser lazily).
+    from edge.cells.node import add_parser as add_cell_node
+    from emulator.bench_qr import add_parser as add_qr_bench
+    from emulator.booking import add_parser as add_qr_code
+    from provisioning.cli import add_parser as add_provision
+
+    add_provision(sub)
+    add_cell_node(sub)
+    add_qr_bench(sub)
+    add_qr_code(sub)
     return p
 
 

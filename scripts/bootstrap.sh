@@ -45,5 +45,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
   echo "bootstrap: installing hallkiosk[$EXTRA] into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$EXTRA]"
+  # MicroPython RP2 stubs for type-checking the cell node firmware: installed beside the
+  # venv's site-packages, not into it (they ship top-level modules such as `requests` that
+  # would shadow real packages).
+  if [ "$EXTRA" = test ]; then
+    rm -rf "$VENV/micropython-stubs"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+      --target "$VENV/micropython-stubs" micropython-rp2-stubs==1.29.0.post1 \
+      micropython-stdlib-stubs==1.29.0.post2
+  fi
   echo "$sum" > "$stamp"
 fi

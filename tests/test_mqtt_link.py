@@ -82,10 +82,14 @@ def test_a_sink_that_raises_does_not_kill_the_network_thread(broker):
     q: queue.Queue = queue.Queue()
     pub = _link(broker, "pub2", q.put)
     _next(q, LinkUp)
-    pub.publish("t/a", b"boom")
-    pub.publish("t/a", b"after")
-    wait_for(lambda: any(isinstance(e, LinkMessage) and e.payload == b"after" for e in seen),
-             what="the message after the exception")
+    def got(payload: bytes) -> bool:
+        return any(isinstance(e, LinkMessage) and e.payload == payload for e in seen)
+
+    # The SUBACK may trail the CONNACK under load: publish until the subscriber has it.
+    wait_for(lambda: got(b"boom") or (pub.publish("t/a", b"boom") and False), interval_s=0.1,
+             what="the message whose handling raises")
+    wait_for(lambda: got(b"after") or (pub.publish("t/a", b"after") and False), interval_s=0.1,
+             what="a message after the exception")
     pub.stop()
     sub.stop()
 
