@@ -147,10 +147,11 @@ class MqttLink:
             self._unacked_cond.wait_for(lambda: not self._unacked or not self._connected.is_set(),
                                         timeout=drain_s)
         self._stop.set()
-        try:
-            self._client.disconnect()
-        except Exception:  # already down: nothing to tell the broker
-            pass
+        if self._client.is_connected():
+            try:
+                self._client.disconnect()
+            except Exception:  # went down meanwhile: nothing to tell the broker
+                pass
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None

@@ -327,6 +327,7 @@ class Auditor:
 
         self._kind = LinkMessage
         self.messages: list = []
+        self.listeners: list = []        # called with each message (the demo prints them)
         self._lock = threading.Lock()
         self.link = hall.link("auditor", self._sink, ((f"hall/{hall.hall_id}/#", 1),))
         self.link.wait_connected(10)
@@ -335,6 +336,12 @@ class Auditor:
         if isinstance(ev, self._kind):
             with self._lock:
                 self.messages.append(ev)
+            for listener in list(self.listeners):
+                try:
+                    listener(ev)
+                except Exception:  # a listener bug must not stop the audit
+                    import logging
+                    logging.getLogger("emulator").exception("auditor listener failed")
 
     def leaks(self, cards) -> list[str]:
         """Topics of payloads that contain any presented card's personal data."""
