@@ -38,7 +38,9 @@ from edge.session import SessionMachine
 from edge.status import KioskStatus
 from edge.store import KioskStore
 from edge.tickets import OutboxSender, TicketDesk
+from edge.telemetry import SystemPaths, TelemetryBuilder, TelemetrySchedule, printer_health, telemetry_key
 from edge.timecheck import clock_trusted
+from hallkiosk import __version__
 from hallkiosk.errors import ConfigError, StateError
 from mqtt_topics.envelope import Keyring, Signer
 from mqtt_topics.topics import KioskTopics
@@ -125,6 +127,14 @@ class Agent:
                                     mode=lambda: self.status.mode, on_printer=self._on_printer,
                                     store=self.store, clock_trusted=self._trusted)
         self._session_active = False
+        self.telemetry = TelemetryBuilder(
+            agent_version=__version__, config_hash=cfg.digest[:16], clock=clock,
+            outbox=lambda: (self.store.depth(), self.store.oldest_age_s(int(self.clock.wall() * 1000))),
+            peripherals={name: self._probe(name) for name in self.health.snapshot()
+                         if name not in (BROKER, STORE)},
+            paths=SystemPaths(disk=cfg.kiosk.state_dir))     # free space where the outbox lives
+        self.telemetry_schedule = TelemetrySchedule(cfg.telemetry.interval_s, clock=clock,
+                                                    first_after_s=1.0)
         self.reader = IdCardWorker(cfg.reader.port, sink=self.events.put,
                                    poll_interval_s=cfg.reader.poll_interval_s,
                                    timeout_s=cfg.reader.timeout_s, clock=clock)
@@ -144,6 +154,26 @@ class Agent:
             keyring_from_certs(t.ca_file, [t.trusted_certs], t.crl_file, clock=self.clock,
                                roles=("consumer", "ops"), keyring=self.keyring)
         return checked.settings
+
+    def _probe(self, name: str):
+        """The telemetry health object of one part: the printer's own, the others from the
+        health model (ok / fault / warning words, the convention ops relies on)."""
+        if name == PRINTER:
+            def printer() -> dict:
+                level = self.health.get(PRINTER)
+                error = level.reason if level is not None and level.level.value == "down" else None
+                return printer_health(self.printer.last_status if error is None else None, error=error)
+            return printer
+
+        def part() -> dict:
+            c = self.health.get(name)
+            if c is None:
+                return {"ok": True, "fault": None, "warning": None}
+            word = telemetry_key(c.reason or "")[:32] or None
+            return {"ok": c.level.value != "down",
+                    "fault": word if c.level.value == "down" else None,
+                    "warning": word if c.level.value == "degraded" else None}
+        return part
 
     # -- birth and death ------------------------------------------------------------------
     def _make_will(self) -> Will:
@@ -199,6 +229,7 @@ class Agent:
         deadlines = [d for d in (self.citizens.next_deadline(), self.sender.next_deadline(),
                                  self.poll.next_deadline()) if d is not None]
         deadlines += self.status.deadlines()
+        deadlines.append(self.telemetry_schedule.next_deadline())
         if self.cell is not None and self.cell.next_deadline() is not None:
             deadlines.append(self.cell.next_deadline())
         # The watchdog's liveness check wants a turn at least every loop_stall_s / 2.
@@ -221,6 +252,11 @@ class Agent:
         if changed:
             self.status.refresh()
         self.status.tick()
+        if self.telemetry_schedule.due() and self.link.connected:
+            try:
+                self.publisher.send(self.topics.telemetry, "telemetry", self.telemetry.build(), qos=0)
+            except Exception:  # telemetry must never stop the kiosk
+                log.warning("telemetry not published", exc_info=True)
 
     def _shutdown(self) -> None:
         """SIGTERM: no new citizens, the ticket in progress is already done (the loop is

@@ -204,6 +204,11 @@ class CellConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class StaffCallConfig:
     repeat_after_s: float
 
@@ -269,6 +274,7 @@ class AgentConfig:
     qr: QrConfig
     cell: CellConfig | None
     staff_call: StaffCallConfig
+    telemetry: TelemetryConfig
     services: tuple[ServiceConfig, ...]
     board: BoardProfile
 
@@ -524,7 +530,7 @@ class _Table:
 _KIOSK_KEYS = ("device_id", "hall", "number_prefix", "board", "state_dir")
 _BROKER_KEYS = ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s", "client_id")
 _TOP = ("kiosk", "hall", "broker", "keys", "tls", "commands", "devices", "gpio", "session",
-        "clock", "unattended", "qr", "cell", "staff_call", "services")
+        "clock", "unattended", "qr", "cell", "staff_call", "telemetry", "services")
 _CELL_KEYS = ("id", "pir", "door", "radar_port", "node_port", "indicator_pin", "min_presence_s",
               "hold_s", "hold_motion_only_s")
 _TLS_KEYS = ("ca_file", "cert_file", "crl_file", "trusted_certs", "warn_days")
@@ -569,10 +575,11 @@ class _Validator:
         qr = self._qr(top.table("qr", ("booking_keys", "eid_keys", "leeway_s")))
         cell = self._cell(top, top.table("cell", _CELL_KEYS), board)
         staff = top.table("staff_call", ("repeat_after_s",)).seconds("repeat_after_s", 60.0, 5, 3600)
+        tele = top.table("telemetry", ("interval_s",)).seconds("interval_s", 60.0, 1, 3600)
         services = self._services(top, board)
         self._ports(reader, printer, board)
         parts = (kiosk, board, hall, broker, keys, reader, printer, gpio, session, services, clock,
-                 unattended, tls, window, camera, scanner, qr, cell, staff)
+                 unattended, tls, window, camera, scanner, qr, cell, staff, tele)
         if self.problems or any(part is None for part in parts):
             return None
         return AgentConfig(source=Path(self.source), digest=digest, kiosk=kiosk, hall=hall,
@@ -581,7 +588,7 @@ class _Validator:
                            clock=ClockConfig(clock), unattended=unattended,
                            tls=tls or None, commands=CommandsConfig(window), camera=camera,
                            qr_scanner=scanner, qr=qr, cell=cell or None,
-                           staff_call=StaffCallConfig(staff))
+                           staff_call=StaffCallConfig(staff), telemetry=TelemetryConfig(tele))
 
     def _kiosk(self, t: _Table) -> tuple[KioskConfig | None, BoardProfile | None]:
         device_id = t.string("device_id", pattern=_ID, rule=_ID_RULE)

@@ -122,6 +122,31 @@ def run_bench(out: Path, tickets: int = 200) -> int:
         figures["idle_rss_mib"] = round(_rss_kib(proc.pid) / 1024, 1)
         proc.terminate()
         proc.wait(10)
+
+        # -- QR code appearing at the camera -> verified priority ticket at the consumer ---
+        qk = hall.add_kiosk("bench2", qr=True)
+        agent = qk.start_agent()
+        agent.link.wait_connected(10)
+        qlat = []
+        for i in range(20):
+            before = len(arrivals)
+            qk.camera.show(hall.booking.appointment("A", start_s=int(time.time()) + 600))
+            with cond:
+                ok = cond.wait_for(lambda: len(arrivals) > before, timeout=5)
+                t_done = max(arrivals.values()) if ok else None
+            shown = qk.camera.code_since_mono
+            qk.camera.hide()
+            if t_done is not None and shown is not None:
+                qlat.append((t_done - shown) * 1000)
+            time.sleep(0.3)
+        qk.stop_agent()
+        if qlat:
+            figures["qr_code_to_ticket_ms"] = {"n": len(qlat), "p50": round(_pct(qlat, 50), 1),
+                                               "p90": round(_pct(qlat, 90), 1),
+                                               "max": round(max(qlat), 1)}
+    from emulator.bench_qr import run_qr_bench
+
+    figures["qr_pipeline"] = run_qr_bench()
     print(json.dumps(figures, indent=2))
     (out / "bench.json").write_text(json.dumps(figures, indent=2))
     return 0

@@ -211,3 +211,21 @@ def test_silent_printer_is_a_fault_never_ok(hall):
     wait_for(lambda: {"ticket_refused", "citizen_refused"} & set(_event_names(rec)), what="refusal")
     assert agent.store.depth() == 0 and kiosk.printer.tickets == []
     rec.close()
+
+
+def test_signed_telemetry_carries_health_and_outbox(hall):
+    rec = Recorder(hall, f"hall/{hall.hall_id}/#")
+    kiosk = hall.add_kiosk("t1", services=(("A", "Citizen card", "A"),))
+    cfg = kiosk.config_path.read_text()
+    kiosk.config_path.write_text(cfg + "\n[telemetry]\ninterval_s = 1\n[unattended]\nprinter_check_s = 1\n")
+    kiosk.start_agent()
+    wait_for(lambda: len(rec.of_kind("/telemetry")) >= 2, what="two telemetry messages")
+    msg = rec.of_kind("/telemetry")[-1]
+    v = verify(msg.payload, msg.topic, hall.keyring, expect_type="telemetry", require_role="kiosk")
+    body = v.body
+    assert body["uptime_s"] >= 0 and body["outbox_depth"] == 0
+    assert body["ticket_printer"]["ok"] is True and body["ticket_printer"]["paper"] == "ok"
+    assert body["idcard_reader"]["ok"] is True
+    kiosk.printer.set_paper("near_end")
+    wait_for(lambda: json.loads(rec.of_kind("/telemetry")[-1].payload)["body"]["ticket_printer"]["paper"]
+             == "near_end", timeout_s=15, what="paper near end in telemetry")
