@@ -33,6 +33,17 @@ from hallkiosk.errors import HallkioskError
 log = logging.getLogger("hallkiosk.mqtt")
 
 
+class _QuietPaho(logging.Filter):
+    """paho logs 'Client is not connected' at ERROR after every clean disconnect (its loop
+    runs once more on the closed socket): noise in a kiosk's journal, dropped here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
+
+
+logging.getLogger("hallkiosk.mqtt.paho").addFilter(_QuietPaho())
+
+
 class NotConnected(HallkioskError, ConnectionError):
     """A publish was attempted while the link is down (the caller keeps the message)."""
 
@@ -116,6 +127,7 @@ class MqttLink:
         self._attempt = 0
         self.last_error: str | None = None
         self._unacked: set[int] = set()       # QoS 1 mids not yet PUBACKed
+        self._acked_early: set[int] = set()   # PUBACKs that arrived before publish() returned
         self._unacked_cond = threading.Condition()
 
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -184,12 +196,18 @@ class MqttLink:
         """Send now; returns the mid. Raises NotConnected instead of queueing in memory."""
         if not self._connected.is_set():
             raise NotConnected(f"{self._name}: not connected to {self.host}:{self.port}")
-        with self._unacked_cond:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise NotConnected(f"{self._name}: publish to {topic} failed: {paho.error_string(info.rc)}")
-            if qos:
-                self._unacked.add(info.mid)
+        # Our lock is NOT held across paho's publish: paho calls on_publish holding its own
+        # mutexes, and on_publish takes ours, so holding both here could deadlock. A PUBACK
+        # that beats us back here is remembered in _acked_early instead.
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise NotConnected(f"{self._name}: publish to {topic} failed: {paho.error_string(info.rc)}")
+        if qos:
+            with self._unacked_cond:
+                if info.mid in self._acked_early:
+                    self._acked_early.discard(info.mid)
+                else:
+                    self._unacked.add(info.mid)
         return info.mid
 
     # -- the link thread -----------------------------------------------------------------
@@ -207,7 +225,21 @@ class MqttLink:
                 self._wait_backoff()
                 continue
             try:
-                self._client.loop_forever(timeout=1.0)
+                # paho writes a publish straight to the socket from the caller's thread when
+                # it believes no network thread runs (its _thread is None, as it is when we run
+                # loop_forever ourselves). With TLS that interleaves SSL writes with this
+                # thread's reads and corrupts the stream (bad record MAC). Telling paho this
+                # thread is its network thread makes publish() queue the packet and wake us.
+                # The same two private attributes paho's own loop_start() sets: the wake-up
+                # socket pair (connect() closes it, so it is made anew each time) and the
+                # network thread. Without them a publish waited for the 1 s select timeout
+                # (tests/test_e2e_*.py teardowns took seconds) and TLS links dropped with
+                # "bad record MAC" under load (seen in tests/test_ops_monitor.py).
+                c = self._client
+                if c._sockpairR is None or c._sockpairW is None:
+                    c._sockpairR, c._sockpairW = paho._socketpair_compat()
+                c._thread = threading.current_thread()
+                c.loop_forever(timeout=1.0)
             except Exception as exc:  # a socket error paho did not turn into a return code
                 self.last_error = f"network loop failed: {exc}"
                 log.warning("%s: %s", self._name, self.last_error)
@@ -279,7 +311,12 @@ class MqttLink:
         try:
             ok = not reason_code.is_failure
             with self._unacked_cond:
-                self._unacked.discard(mid)
+                if mid in self._unacked:
+                    self._unacked.discard(mid)
+                else:
+                    self._acked_early.add(mid)
+                    if len(self._acked_early) > 1000:      # never grows without bound
+                        self._acked_early.clear()
                 self._unacked_cond.notify_all()
             self._emit(PublishDone(mid, ok, str(reason_code)))
         except Exception:

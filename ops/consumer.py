@@ -64,8 +64,10 @@ class TicketConsumer:
         self.events: queue.Queue[object] = queue.Queue()
         topics = HallTopics(hall)
         sub = topics.shared(group, topics.all_tickets) if group else topics.all_tickets
-        # With mTLS the broker forces the client id to the certificate's CN anyway.
-        self.link = MqttLink(client_id=f"{service_id}-{secrets.token_hex(3)}" if group else service_id,
+        # A stable client id per service identity (with mTLS the broker forces it to the
+        # certificate's CN anyway): a restarted instance resumes its own session instead of
+        # leaving an orphan that keeps taking its share of a shared subscription.
+        self.link = MqttLink(client_id=service_id, session_expiry_s=600,
                              host=host, port=port, sink=self.events.put, subscriptions=((sub, 1),),
                              reconnect_min_s=0.2, reconnect_max_s=5.0, tls=tls, name=service_id)
         self._thread: threading.Thread | None = None

@@ -101,3 +101,4 @@ def test_backoff_is_jittered_and_bounded():
         assert all(0.5 <= d <= min(30.0, 0.5 * 2 ** attempt) for d in delays)
         if attempt > 0:
             assert len(delays) > 40           # spread out, not lock step
+
