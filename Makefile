@@ -8,6 +8,8 @@ help:
 	@echo "make demo   - run one emulated kiosk against a real local broker (sets up .venv)"
 	@echo "make test   - the test suite: protocol, device, broker integration, end to end"
 	@echo "make bench  - benchmarks: tap-to-ticket latency, idle RSS/CPU, start-to-ready"
+	@echo "make qemu-image - build the arm64 Debian image with the agent installed (cached)"
+	@echo "make qemu-test  - boot it under QEMU and check boot, ticket, kill -9, power-off"
 	@echo "make clean  - remove .venv and generated output"
 
 setup:
@@ -25,6 +27,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m hallkiosk.cli bench --out bench-out
+
+# The QEMU tier: make qemu-image (debootstrap arm64, cached in ~/.cache/hallkiosk-qemu) and
+# make qemu-test (boots it; see docs/qemu.md).
+include qemu/Makefile.inc
 
 clean:
 	rm -rf .venv demo-out bench-out .pytest_cache .hypothesis

@@ -321,7 +321,8 @@ class HealthChanges:
         events: list[HealthEvent] = []
         if fault != old_fault:
             if old_fault is not None and fault is None:
-                events.append(HealthEvent("device_recovered", "info", subject, {"fault": old_fault}))
+                events.append(HealthEvent("device_recovered", "info", subject,
+                                          {"fault": old_fault}))
             elif fault is not None:
                 events.append(HealthEvent("device_fault", "fault", subject, {"fault": fault}))
         if warning != old_warning:

@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     from edge.cells.node import add_parser as add_cell_node
     from emulator.bench_qr import add_parser as add_qr_bench
     from emulator.booking import add_parser as add_qr_code
+    from ops.cli import add_parser as add_ops
     from provisioning.cli import add_parser as add_provision
 
     add_provision(sub)
+    add_ops(sub)
     add_cell_node(sub)
     add_qr_bench(sub)
     add_qr_code(sub)

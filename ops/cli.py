@@ -6,8 +6,9 @@ Subcommands (``add_parser(sub)`` registers them under ``ops``; ``cmd_ops(args)``
   terminal (``--no-dashboard`` under systemd). Stops on SIGTERM/SIGINT.
 - ``ops status``: connect, gather the retained states for ``--wait-s``, print one frame of
   the dashboard and exit 0 if every kiosk is online, 1 otherwise (for scripts and ssh).
-- ``ops cmd``: sign a remote command with the ``[commands]`` operator key, publish it and
-  wait for the kiosk's result.
+
+Remote commands are signed and sent by ``provisioning``'s command client (it holds the ops
+certificate and key); the monitor shows each kiosk's last command result.
 - ``ops bench``: the verify-throughput benchmark (emulator.bench_ops).
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import secrets
 import signal
 import sys
 import threading
@@ -31,7 +31,6 @@ log = logging.getLogger("hallkiosk.ops")
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``ops`` and its subcommands on the main parser's subparsers."""
     from ops.config import DEFAULT_OPS_CONFIG
-    from ops.monitor import COMMANDS
 
     ops = sub.add_parser("ops", help="hall operations: fleet monitor, dashboard, alerts, "
                          "metrics, ticket ledger, remote commands")
@@ -56,17 +55,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--wait-s", type=float, default=3.0,
                    help="how long to gather retained states and traffic")
     s.add_argument("--width", type=int, default=80)
-
-    c = osub.add_parser("cmd", help="send a signed command to one kiosk and wait for its "
-                        "result")
-    common(c)
-    c.add_argument("--hall", required=True)
-    c.add_argument("--kiosk", required=True)
-    c.add_argument("name", choices=COMMANDS)
-    c.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="command argument (integers and true/false are typed)")
-    c.add_argument("--ttl-s", type=float, default=60.0)
-    c.add_argument("--wait-s", type=float, default=15.0)
 
     b = osub.add_parser("bench", help="verified messages/s vs the raw Ed25519 verify rate")
     b.add_argument("--out", default="bench-out")
@@ -101,8 +89,6 @@ def cmd_ops(args: argparse.Namespace) -> int:
     setup_logging("warning" if args.log_level == "info" else args.log_level)
     if args.ops_command == "status":
         return _status(cfg, args.wait_s, args.width)
-    if args.ops_command == "cmd":
-        return _command(cfg, args)
     raise ConfigError(f"unknown ops command {args.ops_command!r}")
 
 
@@ -123,12 +109,12 @@ def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = 
     """Monitor (+ its ticket consumers) wired from an OpsConfig."""
     from edge.keys import load_private_key
     from ops.alerts import AlertEngine, AlertSink
-    from ops.config import load_inventory
+    from ops.config import load_trust
     from ops.consumer import TicketConsumer
     from ops.fleet import Fleet
     from ops.monitor import Monitor
 
-    inv = load_inventory(cfg.inventory)
+    inv = load_trust(cfg.trust)
     consumers = []
     if with_ledger and cfg.ledger.enabled and cfg.ledger.key is not None:
         key = load_private_key(cfg.ledger.key)
@@ -139,7 +125,7 @@ def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = 
             consumers.append(TicketConsumer(
                 service_id=cfg.ledger.service_id, hall=hall, key=key, keyring=inv.keyring,
                 state_dir=state_dir, host=cfg.broker.host, port=cfg.broker.port,
-                group=cfg.ledger.group))
+                group=cfg.ledger.group, tls=_tls(cfg.ledger.tls)))
     fleet = Fleet(heartbeat_timeout_s=cfg.fleet.heartbeat_timeout_s,
                   gap_grace_s=cfg.fleet.gap_grace_s, track_gaps=cfg.share_group is None)
     return Monitor(halls=cfg.halls, keyring=inv.keyring, host=cfg.broker.host,
@@ -148,7 +134,15 @@ def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = 
                    sink=AlertSink(), consumers=consumers, expected=inv.kiosks,
                    tick_s=tick_s or cfg.tick_s, keepalive_s=cfg.broker.keepalive_s,
                    reconnect_min_s=cfg.broker.reconnect_min_s,
-                   reconnect_max_s=cfg.broker.reconnect_max_s)
+                   reconnect_max_s=cfg.broker.reconnect_max_s, tls=_tls(cfg.broker.tls))
+
+
+def _tls(files: Any) -> Any:
+    from edge.mqtt import TlsSettings
+
+    if files is None:
+        return None
+    return TlsSettings(str(files.ca_file), str(files.cert_file), str(files.key_file))
 
 
 def run_ops(cfg: Any, *, dashboard: bool, stop: threading.Event | None = None) -> int:
@@ -196,60 +190,3 @@ def _status(cfg: Any, wait_s: float, width: int) -> int:
     finally:
         monitor.stop()
     return 0 if kiosks and all(k.online for k in kiosks) else 1
-
-
-def _parse_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--arg {text!r}: expected KEY=VALUE")
-    if value in ("true", "false"):
-        return key, value == "true"
-    try:
-        return key, int(value)
-    except ValueError:
-        return key, value
-
-
-def _command(cfg: Any, args: argparse.Namespace) -> int:
-    from edge.keys import load_private_key
-    from edge.store import KioskStore
-    from mqtt_topics.envelope import Signer
-    from ops.monitor import CommandIssuer
-
-    if cfg.commands is None:
-        raise ConfigError(f"{cfg.source}: [commands] sender_id and key are needed to sign "
-                          "commands")
-    key = load_private_key(cfg.commands.key)
-    seq = KioskStore(cfg.state_dir / f"{cfg.commands.sender_id}-seq.sqlite")
-    monitor = build_monitor(cfg, with_ledger=False)
-    done = threading.Event()
-    result: dict[str, Any] = {}
-    nonce: dict[str, str] = {}
-
-    def on_change(change: Any) -> None:
-        if (change.what == "cmd_result" and change.device == args.kiosk
-                and change.detail.get("nonce") == nonce.get("nonce")
-                and change.detail.get("status") in ("done", "failed", "refused")):
-            result.update(change.detail)
-            done.set()
-
-    monitor.on_change = on_change
-    try:
-        signer = Signer(key, sender=cfg.commands.sender_id, boot_id=secrets.token_hex(16),
-                        next_seq=seq.next_seq)
-        monitor.start()
-        if not monitor.wait_connected(10):
-            print("hallkiosk ops cmd: broker unreachable", file=sys.stderr)
-            return 2
-        body = monitor.send_command(CommandIssuer(signer), args.hall, args.kiosk, args.name,
-                                    dict(_parse_arg(a) for a in args.arg), ttl_s=args.ttl_s)
-        nonce["nonce"] = body["nonce"]
-        if not done.wait(args.wait_s):
-            print(f"{args.kiosk}: no result within {args.wait_s:g} s (nonce {body['nonce']})")
-            return 1
-        print(f"{args.kiosk}: {result.get('status')}"
-              + (f" ({result['reason']})" if result.get("reason") else ""))
-        return 0 if result.get("status") == "done" else 1
-    finally:
-        monitor.stop()
-        seq.close()

@@ -18,9 +18,15 @@ Layout (every section optional except ``[ops]``)::
     tick_s = 1.0                       # heartbeat, gap and alert evaluation period
 
     [broker]                           # host, port, keepalive_s, reconnect_min_s, reconnect_max_s
+    tls_ca_file = "hall-chain.pem"     # optional mTLS (all three, or none): the monitor's own
+    tls_cert_file = "ops-1.crt"        # certificate; the broker takes its CN as client id,
+    tls_key_file = "ops-1.key"         # so it must be unique per instance
 
-    [keys]
-    inventory = "inventory.toml"       # the keys of the halls' kiosks and services (below)
+    [keys]                             # who the monitor believes (at least one source)
+    ca_chain = "hall-chain.pem"        # kiosk certificates checked against the hall CA ...
+    certs = ["kiosks.pem"]             # (provisioning export-certs) ...
+    crl = "hall.crl"                   # ... minus the revoked ones (optional)
+    inventory = "inventory.toml"       # and/or a plain key list (below), e.g. for the emulator
 
     [ledger]                           # the ticket consumer this monitor hosts
     enabled = true
@@ -28,6 +34,8 @@ Layout (every section optional except ``[ops]``)::
     key = "ledger.key"                 # PEM Ed25519 private key, chmod 600
     group = "consumers"                # shared subscription group of all ledger instances
     state_dir = "ledger"               # ledger.sqlite lives here: instances on one host share it
+    tls_cert_file = "ledger-1.crt"     # with mTLS: the consumer's own certificate (CN =
+    tls_key_file = "ledger-1.key"      # service_id); the CA is [broker] tls_ca_file
 
     [fleet]
     heartbeat_timeout_s = 90           # 0 turns the heartbeat off
@@ -37,10 +45,6 @@ Layout (every section optional except ``[ops]``)::
     enabled = true
     host = "127.0.0.1"
     port = 9478
-
-    [commands]                         # optional: who signs remote commands (role operator)
-    sender_id = "operator-1"
-    key = "operator.key"
 
     [dashboard]
     refresh_s = 1.0
@@ -88,12 +92,32 @@ DEFAULT_OPS_CONFIG = Path("/etc/hallkiosk/ops.toml")
 
 # -- the result --------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """mTLS material: the hall CA chain, a certificate and its key (PEM paths)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerSettings:
     host: str
     port: int
     keepalive_s: int
     reconnect_min_s: float
     reconnect_max_s: float
+    tls: TlsFiles | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSources:
+    """Where keys come from: certificates under the hall CA, and/or a plain inventory."""
+
+    ca_chain: Path | None
+    certs: tuple[Path, ...]
+    crl: Path | None
+    inventory: Path | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +129,7 @@ class LedgerSettings:
     key: Path | None
     group: str
     state_dir: Path
+    tls: TlsFiles | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +146,6 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class CommandSettings:
-    """The operator identity ``hallkiosk ops cmd`` signs with (None: commands disabled)."""
-
-    sender_id: str
-    key: Path
-
-
-@dataclass(frozen=True, slots=True)
 class OpsConfig:
     source: Path
     instance: str
@@ -138,13 +155,12 @@ class OpsConfig:
     workers: int
     tick_s: float
     broker: BrokerSettings
-    inventory: Path
+    trust: TrustSources
     ledger: LedgerSettings
     fleet: FleetSettings
     metrics: MetricsSettings
     refresh_s: float
     alerts: tuple[AlertRule, ...]
-    commands: CommandSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +171,7 @@ class Inventory:
     kiosks: tuple[tuple[str, str], ...]
 
 
-# -- a small collecting validator ----------------------------------------------------------------
+# -- a small collecting validator --------------------------------------------------------------
 class _Problems:
     def __init__(self, source: str, base_dir: Path) -> None:
         self.source = source
@@ -272,7 +288,7 @@ class _Table:
             return None
         return value
 
-    def path(self, key: str, default: Any = _MISSING) -> Path | None:
+    def file(self, key: str, default: Any = _MISSING) -> Path | None:
         value = self._get(key, default)
         if value is None:
             return None
@@ -326,9 +342,8 @@ def _read_toml(path: Path, what: str) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-# -- ops.toml ---------------------------------------------------------------------------------
-_TOP = ("ops", "broker", "keys", "ledger", "fleet", "metrics", "dashboard", "alerts",
-        "commands")
+# -- ops.toml ----------------------------------------------------------------------------------
+_TOP = ("ops", "broker", "keys", "ledger", "fleet", "metrics", "dashboard", "alerts")
 _ALERT_KEYS = ("name", "kind", "severity", "after_s", "threshold", "max_age_s", "window_s",
                "level")
 
@@ -347,29 +362,43 @@ def parse_ops_config(data: dict, *, source: str, base_dir: Path) -> OpsConfig:
                             "tick_s"), required=True)
     instance = ops.ident("instance")
     halls = _halls(ops)
-    state_dir = ops.path("state_dir", Path("/var/lib/hallkiosk-ops"))
+    state_dir = ops.file("state_dir", Path("/var/lib/hallkiosk-ops"))
     share_group = ops.ident("share_group", "", empty_ok=True)
     workers = ops.integer("workers", 2, 1, 64)
     tick_s = ops.seconds("tick_s", 1.0, 0.05, 60)
 
-    b = top.table("broker", ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s"))
-    broker = BrokerSettings(b.text("host", "127.0.0.1") or "", b.integer("port", 1883, 1, 65535) or 0,
+    b = top.table("broker", ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s",
+                             "tls_ca_file", "tls_cert_file", "tls_key_file"))
+    broker = BrokerSettings(b.text("host", "127.0.0.1") or "",
+                            b.integer("port", 1883, 1, 65535) or 0,
                             b.integer("keepalive_s", 30, 5, 3600) or 0,
                             b.seconds("reconnect_min_s", 0.5, 0.01, 3600) or 0.0,
                             b.seconds("reconnect_max_s", 30.0, 0.01, 3600) or 0.0)
     if broker.reconnect_min_s > broker.reconnect_max_s > 0:
         p.add("broker.reconnect_min_s", "must not exceed reconnect_max_s")
+    ca_file = b.file("tls_ca_file", None)
+    tls = _tls(b, ca_file)
+    if tls is not None:
+        broker = BrokerSettings(broker.host, broker.port, broker.keepalive_s,
+                                broker.reconnect_min_s, broker.reconnect_max_s, tls)
 
-    inventory = top.table("keys", ("inventory",), required=True).path("inventory")
+    trust = _trust_sources(top.table("keys", ("ca_chain", "certs", "crl", "inventory"),
+                                     required=True))
 
-    lg = top.table("ledger", ("enabled", "service_id", "key", "group", "state_dir"))
+    lg = top.table("ledger", ("enabled", "service_id", "key", "group", "state_dir",
+                              "tls_cert_file", "tls_key_file"))
     enabled = lg.boolean("enabled", True)
+    ledger_tls = _tls(lg, ca_file)
+    if ca_file is not None and ledger_tls is None and enabled and tls is not None:
+        p.add("ledger.tls_cert_file", "the broker needs mTLS: give the ledger its own "
+                                      "certificate (tls_cert_file, tls_key_file)")
     ledger = LedgerSettings(
         enabled=bool(enabled),
         service_id=lg.ident("service_id", "ledger") or "",
-        key=lg.path("key") if enabled else lg.path("key", None),
+        key=lg.file("key") if enabled else lg.file("key", None),
         group=lg.ident("group", "consumers") or "",
-        state_dir=lg.path("state_dir", (state_dir or Path(".")) / "ledger") or Path("."))
+        state_dir=lg.file("state_dir", (state_dir or Path(".")) / "ledger") or Path("."),
+        tls=ledger_tls)
 
     f = top.table("fleet", ("heartbeat_timeout_s", "gap_grace_s"))
     heartbeat = f.seconds("heartbeat_timeout_s", 90.0, 0, 86400)
@@ -380,17 +409,42 @@ def parse_ops_config(data: dict, *, source: str, base_dir: Path) -> OpsConfig:
                               m.integer("port", 9478, 0, 65535) or 0)
     refresh_s = top.table("dashboard", ("refresh_s",)).seconds("refresh_s", 1.0, 0.1, 60)
     alerts = _alerts(top, p)
-    cm = top.table("commands", ("sender_id", "key"))
-    commands = None
-    if cm.data:
-        sender_id, key = cm.ident("sender_id"), cm.path("key")
-        if sender_id is not None and key is not None:
-            commands = CommandSettings(sender_id, key)
     p.raise_if_any()
     return OpsConfig(source=Path(source), instance=instance, halls=halls, state_dir=state_dir,
                      share_group=share_group or None, workers=workers, tick_s=tick_s,
-                     broker=broker, inventory=inventory, ledger=ledger, fleet=fleet,
-                     metrics=metrics, refresh_s=refresh_s, alerts=alerts, commands=commands)
+                     broker=broker, trust=trust, ledger=ledger, fleet=fleet,
+                     metrics=metrics, refresh_s=refresh_s, alerts=alerts)
+
+
+def _tls(t: _Table, ca_file: Path | None) -> TlsFiles | None:
+    """tls_cert_file + tls_key_file of a section (with the broker's CA), both or neither."""
+    cert, key = t.file("tls_cert_file", None), t.file("tls_key_file", None)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        t.p.add(t.at("tls_cert_file" if cert is None else "tls_key_file"),
+                "tls_cert_file and tls_key_file go together")
+        return None
+    if ca_file is None:
+        t.p.add("broker.tls_ca_file", "required with a TLS certificate")
+        return None
+    return TlsFiles(ca_file, cert, key)
+
+
+def _trust_sources(t: _Table) -> TrustSources:
+    ca_chain, crl = t.file("ca_chain", None), t.file("crl", None)
+    inventory = t.file("inventory", None)
+    certs: list[Path] = []
+    raw = t.data.get("certs", [])
+    if not isinstance(raw, list) or not all(isinstance(c, str) and c for c in raw):
+        t.p.add(t.at("certs"), f"expected an array of PEM file paths, found {_found(raw)}")
+    else:
+        certs = [t.p.base_dir / c for c in raw]
+    if certs and ca_chain is None:
+        t.p.add(t.at("ca_chain"), "required with certs (certificates are checked against it)")
+    if not certs and inventory is None and "certs" not in t.data:
+        t.p.add(t.path or "keys", "no keys: set certs (with ca_chain) and/or inventory")
+    return TrustSources(ca_chain, tuple(certs), crl, inventory)
 
 
 def _halls(ops: _Table) -> tuple[str, ...]:
@@ -443,15 +497,38 @@ def _alerts(top: _Table, p: _Problems) -> tuple[AlertRule, ...]:
     return tuple(rules)
 
 
-# -- the inventory ------------------------------------------------------------------------------
-def load_inventory(path: str | os.PathLike[str]) -> Inventory:
+# -- the keys ----------------------------------------------------------------------------------
+def load_trust(trust: TrustSources) -> Inventory:
+    """The keyring and expected kiosks of ``[keys]``: certificates that chain to the hall CA
+    (and are not revoked), plus the plain inventory if one is given."""
+    keyring = Keyring()
+    kiosks: list[tuple[str, str]] = []
+    if trust.certs and trust.ca_chain is not None:
+        # Imported here: only a hall with a CA needs the X.509 side.
+        from provisioning.trust import keyring_from_certs, load_pem_certs, subject_fields
+
+        keyring_from_certs(trust.ca_chain, trust.certs, trust.crl, roles=("kiosk",),
+                           keyring=keyring)
+        for source in trust.certs:
+            for cert in load_pem_certs(source):
+                owner, role, hall = subject_fields(cert)
+                trusted = any(keyring.get(kid).owner == owner for kid in keyring)
+                if role == "kiosk" and trusted and (hall, owner) not in kiosks:
+                    kiosks.append((hall, owner))
+    if trust.inventory is not None:
+        inv = load_inventory(trust.inventory, keyring=keyring)
+        kiosks.extend(k for k in inv.kiosks if k not in kiosks)
+    return Inventory(keyring, tuple(kiosks))
+
+
+def load_inventory(path: str | os.PathLike[str], *, keyring: Keyring | None = None) -> Inventory:
     """Read the inventory into a Keyring (kiosk keys with role ``kiosk``; services with
     theirs) and the list of (hall, device) every monitor should expect to see."""
     path = Path(path)
     data = _read_toml(path, "key inventory")
     p = _Problems(str(path), path.absolute().parent)
     top = _Table(p, "", data, ("kiosk", "service"))
-    keyring = Keyring()
+    keyring = keyring if keyring is not None else Keyring()
     kiosks: list[tuple[str, str]] = []
     for where, item in top.tables("kiosk"):
         t = _Table(p, where, item, ("hall", "device", "public_key"))
@@ -500,6 +577,6 @@ def _trust(p: _Problems, where: str, keyring: Keyring, key: bytes, owner: str,
         p.add(where, str(exc))
 
 
-__all__ = ["BrokerSettings", "CommandSettings", "DEFAULT_OPS_CONFIG", "FleetSettings", "Inventory",
-           "LedgerSettings", "MetricsSettings", "OpsConfig", "load_inventory",
-           "load_ops_config", "parse_ops_config"]
+__all__ = ["BrokerSettings", "DEFAULT_OPS_CONFIG", "FleetSettings", "Inventory",
+           "LedgerSettings", "MetricsSettings", "OpsConfig", "TlsFiles", "TrustSources",
+           "load_inventory", "load_ops_config", "load_trust", "parse_ops_config"]

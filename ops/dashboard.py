@@ -123,7 +123,7 @@ def summary(kiosks: Sequence[KioskSnapshot], alerts: Sequence[Alert]) -> Text:
     counts: dict[str, int] = {}
     for k in kiosks:
         counts[k.status] = counts.get(k.status, 0) + 1
-    text = Text(f"{len(kiosks)} kiosks:")
+    text = Text(f"{len(kiosks)} kiosk{'' if len(kiosks) == 1 else 's'}:")
     for status in ("online", "degraded", "out_of_service", "offline", "unknown"):
         if counts.get(status):
             label, style = _STATUS_STYLE[status]

@@ -21,9 +21,11 @@ What is tracked per kiosk (hall, device):
 - **replays, bad signatures, malformed messages**, counted on the device the topic names
   (the sender of an unauthenticated message is unknown; the topic is where it did harm).
 - **faults and warnings**: ``device_fault`` / ``device_recovered`` / ``device_warning`` /
-  ``device_warning_cleared`` events change them at once; each telemetry message, a full
+  ``device_warning_cleared`` events, and the agent's ``printer_<flag>`` /
+  ``printer_<flag>_cleared`` events, change them at once; each telemetry message, a full
   snapshot of peripheral health, reconciles them (events can be missed while the monitor
-  was down).
+  was down). One-off failures (``print_failed``) are not conditions: they only show as the
+  last event.
 - the last telemetry figures, the last ticket (from the ticket topic), the last command
   result.
 """
@@ -48,6 +50,9 @@ MAX_EXCUSED: Final = 256
 MAX_KIOSKS: Final = 4096
 #: Recent ticket uids remembered per kiosk to count re-sends once.
 RECENT_TICKETS: Final = 64
+
+#: Event-name prefixes of conditions that have a matching ``<name>_cleared`` event.
+CONDITION_PREFIXES: Final = ("printer_",)
 
 STATUSES: Final = ("unknown", "online", "degraded", "out_of_service", "offline")
 PAPER_STATES: Final = ("ok", "near_end", "out", "unknown")
@@ -361,6 +366,19 @@ class Fleet:
         elif name == "device_warning_cleared":
             self._clear(k, k.warnings, subject, detail.get("warning"), "warning",
                         "warning_cleared", now, changes)
+        elif name.startswith(CONDITION_PREFIXES):
+            # The agent's own condition events: printer_<flag> raised with severity fault or
+            # warning, printer_<flag>_cleared when the flag drops (edge.agent._on_printer).
+            prefix = next(p for p in CONDITION_PREFIXES if name.startswith(p))
+            if name.endswith("_cleared"):
+                word = name[len(prefix):-len("_cleared")]
+                self._clear(k, k.faults, subject, word, "fault", "recovered", now, changes)
+                self._clear(k, k.warnings, subject, word, "warning", "warning_cleared", now,
+                            changes)
+            elif body["severity"] == "fault":
+                self._raise(k, k.faults, subject, name[len(prefix):], "fault", now, changes)
+            elif body["severity"] == "warning":
+                self._raise(k, k.warnings, subject, name[len(prefix):], "warning", now, changes)
 
     def _raise(self, k: _Kiosk, table: dict[str, dict[str, float]], subject: str, word: Any,
                on: str, now: float, changes: list[Change]) -> None:
@@ -551,5 +569,5 @@ _HANDLERS: Final[dict[str, Callable[[Fleet, _Kiosk, Verified, float, list[Change
     "cmd_result": Fleet._on_cmd_result,
 }
 
-__all__ = ["Change", "Fleet", "KioskSnapshot", "PAPER_STATES", "Rejection", "STATUSES",
-           "subject_key", "trouble_score"]
+__all__ = ["CONDITION_PREFIXES", "Change", "Fleet", "KioskSnapshot", "PAPER_STATES",
+           "Rejection", "STATUSES", "subject_key", "trouble_score"]

@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge.clock import SYSTEM_CLOCK, Clock
-from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, TlsSettings
 from hallkiosk.errors import ContractError, HallkioskError
-from mqtt_topics.envelope import Keyring, SequenceTracker, Signer, Verified, verify
-from mqtt_topics.topics import ROLE_FOR_KIND, HallTopics, KioskTopics, parse_topic
+from mqtt_topics.envelope import Keyring, SequenceTracker, Verified, verify
+from mqtt_topics.topics import ROLE_FOR_KIND, HallTopics, parse_topic
 from ops.alerts import Alert, AlertEngine, AlertSink
 from ops.fleet import Change, Fleet, KioskSnapshot, Rejection
 
@@ -45,9 +44,6 @@ log = logging.getLogger("hallkiosk.ops.monitor")
 
 #: Kinds a monitor subscribes to (kiosk -> hall). ``state`` is handled apart (never shared).
 WATCHED_KINDS = ("telemetry", "event", "ticket", "cmd_result")
-#: Commands an operator can send; the kiosk side (edge.commands) must know the same names.
-COMMANDS = ("out_of_service", "in_service", "reprint_last", "reload_config",
-            "collect_diagnostics", "restart_agent")
 #: Changes worth a log line as they happen (alerts add their own lines).
 _LOGGED = {"status": logging.INFO, "fault": logging.WARNING, "recovered": logging.INFO,
            "bad_signature": logging.WARNING, "lost": logging.INFO, "seen": logging.INFO,
@@ -55,7 +51,7 @@ _LOGGED = {"status": logging.INFO, "fault": logging.WARNING, "recovered": loggin
 
 
 class MonitorError(HallkioskError, RuntimeError):
-    """The monitor was used wrongly (e.g. a command to a kiosk of a hall it does not watch)."""
+    """The monitor was wired wrongly (no hall, no worker)."""
 
 
 @dataclass
@@ -90,6 +86,8 @@ class Monitor:
     ``keyring`` holds every kiosk key (role ``kiosk``); ``expected`` lists (hall, device)
     pairs from the inventory, shown as ``unknown`` until they speak. ``sink`` receives alert
     transitions. ``consumers`` are started and stopped with the monitor.
+    ``instance`` must be unique among the monitors on one broker (it is the MQTT client id;
+    with mTLS the broker uses the certificate's CN instead, so each instance needs its own).
     ``link_factory`` builds the MQTT link (tests and the benchmark may pass their own).
     """
 
@@ -99,7 +97,8 @@ class Monitor:
                  sink: AlertSink | None = None, consumers: Sequence[Any] = (),
                  expected: Iterable[tuple[str, str]] = (), clock: Clock = SYSTEM_CLOCK,
                  tick_s: float = 1.0, keepalive_s: int = 30, reconnect_min_s: float = 0.5,
-                 reconnect_max_s: float = 30.0,
+                 reconnect_max_s: float = 30.0, session_expiry_s: int = 600,
+                 tls: TlsSettings | None = None,
                  link_factory: Callable[..., Any] = MqttLink) -> None:
         if not halls:
             raise MonitorError("a monitor needs at least one hall")
@@ -109,9 +108,11 @@ class Monitor:
         self.keyring = keyring
         self.clock = clock
         self.share_group = share_group
-        self.fleet = fleet or Fleet(clock=clock, track_gaps=share_group is None)
-        self.alerts = alerts or AlertEngine(clock=clock)
-        self.sink = sink or AlertSink()
+        # "is None", not "or": an empty Fleet is falsy (it has a length).
+        self.fleet = fleet if fleet is not None else Fleet(clock=clock,
+                                                           track_gaps=share_group is None)
+        self.alerts = alerts if alerts is not None else AlertEngine(clock=clock)
+        self.sink = sink if sink is not None else AlertSink()
         self.consumers = tuple(consumers)
         self.tracker = SequenceTracker()
         self.stats = MonitorStats()
@@ -126,12 +127,15 @@ class Monitor:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._connected = threading.Event()
+        # A stable client id per instance: a restarted instance resumes its session (and the
+        # events queued for it). A member of a shared group that never comes back keeps
+        # taking its share of the group's messages into its queue until the session expires,
+        # hence a session expiry of minutes, not hours.
         self.link = link_factory(
-            client_id=f"{instance}-{secrets.token_hex(3)}" if share_group else f"{instance}-mon",
-            host=host, port=port, sink=self._route, keepalive_s=keepalive_s,
-            subscriptions=subscriptions(self.halls, share_group),
+            client_id=f"{instance}-mon", host=host, port=port, sink=self._route,
+            keepalive_s=keepalive_s, subscriptions=subscriptions(self.halls, share_group),
             reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s,
-            name=f"{instance}-monitor")
+            session_expiry_s=session_expiry_s, tls=tls, name=f"{instance}-monitor")
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Monitor:
@@ -181,9 +185,10 @@ class Monitor:
                      self.share_group or "none")
         elif isinstance(ev, LinkDown):
             self.stats.connected = False
-            self.stats.link_downs += 1
             self._connected.clear()
-            log.warning("monitor link down: %s", ev.reason)
+            if not self._stop.is_set():
+                self.stats.link_downs += 1
+                log.warning("monitor link down: %s", ev.reason)
 
     # -- verify workers -----------------------------------------------------------------------
     def _work(self, q: queue.SimpleQueue[LinkMessage | None]) -> None:
@@ -275,41 +280,5 @@ class Monitor:
                     "queued": sum(q.qsize() for q in self._queues),
                     "unattributed": dict(self.fleet.unattributed)}
 
-    # -- commands ---------------------------------------------------------------------------------
-    def send_command(self, issuer: CommandIssuer, hall: str, device: str, name: str,
-                     args: dict[str, Any] | None = None, *, ttl_s: float = 60.0) -> dict[str, Any]:
-        """Seal a command with ``issuer`` and publish it on the kiosk's cmd topic (QoS 1)."""
-        if hall not in self.halls:
-            raise MonitorError(f"hall {hall!r} is not watched by this monitor")
-        topic, payload, body = issuer.seal(hall, device, name, args or {}, ttl_s=ttl_s)
-        self.link.publish(topic, payload, qos=1)
-        return body
 
-
-class CommandIssuer:
-    """Builds signed ``cmd`` envelopes for an operator identity (key role ``operator``).
-
-    ``signer`` is the operator's Signer (its own sender id, key, boot and durable seq).
-    The kiosk answers on ``.../cmd/result`` with the command's nonce; the fleet keeps the
-    last result per kiosk.
-    """
-
-    def __init__(self, signer: Signer, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.signer = signer
-        self.clock = clock
-
-    def seal(self, hall: str, device: str, name: str, args: dict[str, Any], *,
-             ttl_s: float = 60.0) -> tuple[str, bytes, dict[str, Any]]:
-        if name not in COMMANDS:
-            raise MonitorError(f"unknown command {name!r} (one of {', '.join(COMMANDS)})")
-        if not 1 <= ttl_s <= 3600:
-            raise MonitorError("command ttl must be 1-3600 s")
-        topic = KioskTopics(hall, device).cmd
-        body = {"name": name, "args": dict(args), "target": device,
-                "nonce": secrets.token_urlsafe(18),
-                "expires_at_ms": int((self.clock.wall() + ttl_s) * 1000)}
-        return topic, self.signer.seal(topic, "cmd", body), body
-
-
-__all__ = ["COMMANDS", "CommandIssuer", "Monitor", "MonitorError", "MonitorStats",
-           "WATCHED_KINDS", "subscriptions"]
+__all__ = ["Monitor", "MonitorError", "MonitorStats", "WATCHED_KINDS", "subscriptions"]

@@ -1,0 +1,383 @@
+"""`make bench` (ops part): how fast one monitor process ingests signed kiosk traffic.
+
+Figures, all on this machine:
+
+- ``raw_verify_per_s``: bare Ed25519 verifications per second on one thread, over the exact
+  signed bytes of the benchmark's messages (the ceiling any verifier has);
+- ``inprocess_per_s``: ``Monitor.handle`` (parse, verify every rule of the contract, replay
+  tracker, fleet) called in a loop on one thread, no MQTT: the cost of the contract;
+- ``one_process``: one monitor process (``workers`` verify threads) fed through a real
+  Mosquitto, every message a fresh QoS 1 publish; ``two_processes``: two such processes in
+  one MQTT 5 shared-subscription group, splitting the same stream.
+
+Rates count verified messages from the first to the last one handled (monotonic clock,
+which Linux shares between processes). Ratios: ``one_process / raw_verify`` (target >=
+0.7) and ``two_processes / one_process`` (target close to 2). The number of CPUs is
+reported with them: two processes cannot double on a machine whose cores are already busy
+with the broker and the first process.
+
+The publisher writes pre-encoded MQTT 3.1.1 PUBLISH packets on a raw socket, so producing
+the stream costs next to nothing; the broker gets its own config with unbounded queues so a
+backlog is held, not dropped, while the monitors catch up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge.keys import public_b64
+from emulator.broker import find_mosquitto, free_port
+from mqtt_topics.envelope import Signer, canonical_bytes
+from mqtt_topics.topics import KioskTopics
+
+HALL = "bench-hall"
+GROUP = "bench"
+
+
+# -- the messages ------------------------------------------------------------------------------
+def _telemetry_body(i: int) -> dict:
+    """A realistic kiosk telemetry body (what edge.telemetry builds on a Pi)."""
+    return {
+        "uptime_s": 86_400 + i, "agent_uptime_s": 3600 + i, "temp_mC": 51_000 + i % 900,
+        "load1_x100": 52, "load5_x100": 40, "load15_x100": 33, "mem_total_kib": 3_884_096,
+        "mem_avail_kib": 2_100_000, "disk_total_kib": 29_000_000, "disk_avail_kib": 12_000_000,
+        "throttle": {"under_voltage": False, "freq_capped": False, "throttled": False,
+                     "soft_temp_limit": False, "under_voltage_occurred": False,
+                     "freq_capped_occurred": False, "throttled_occurred": False,
+                     "soft_temp_limit_occurred": False, "raw": 0},
+        "net": {"eth0": "up", "wlan0": "down"}, "net_up": True, "agent_version": "0.1.0",
+        "config_hash": "ab" * 32, "outbox_depth": 0, "outbox_oldest_s": None,
+        "ticket_printer": {"ok": True, "online": True, "paper": "ok", "cover_open": False,
+                           "fault": None, "warning": None},
+        "idcard_reader": {"ok": True, "fault": None, "warning": None},
+    }
+
+
+def make_messages(out: Path, *, kiosks: int, messages: int) -> list[tuple[str, bytes]]:
+    """Seal ``messages`` envelopes from ``kiosks`` kiosks (4 telemetry : 1 event), round
+    robin over the kiosks, and write the inventory the monitor processes load."""
+    signers = []
+    lines = []
+    for n in range(kiosks):
+        device = f"bench{n:03d}"
+        key = Ed25519PrivateKey.generate()
+        counter = iter(range(1, 10**9))
+        signers.append((KioskTopics(HALL, device),
+                        Signer(key, sender=device, boot_id=secrets.token_hex(16),
+                               next_seq=lambda c=counter: next(c))))
+        lines.append(f'[[kiosk]]\nhall = "{HALL}"\ndevice = "{device}"\n'
+                     f'public_key = "{public_b64(key)}"\n')
+    (out / "inventory.toml").write_text("\n".join(lines))
+    sealed = []
+    for i in range(messages):
+        topics, signer = signers[i % kiosks]
+        if i % 5 == 4:
+            topic = topics.event
+            payload = signer.seal(topic, "event", {"name": "card_unreadable", "severity": "info",
+                                                   "subject": "idcard-reader",
+                                                   "detail": {"reason": "SW3 41"}})
+        else:
+            topic = topics.telemetry
+            payload = signer.seal(topic, "telemetry", _telemetry_body(i))
+        sealed.append((topic, payload))
+    return sealed
+
+
+def raw_verify_rate(sealed: list[tuple[str, bytes]], keys: dict[str, object],
+                    seconds: float = 1.5) -> float:
+    """Bare Ed25519 verifications per second over the messages' own signed bytes."""
+    import base64
+
+    prepared = []
+    for topic, payload in sealed[:2000]:
+        env = json.loads(payload)
+        sig = base64.urlsafe_b64decode(env.pop("sig") + "==")
+        prepared.append((keys[env["sender"]], sig, canonical_bytes(topic, env)))
+    done = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for pub, sig, data in prepared:
+            pub.verify(sig, data)
+        done += len(prepared)
+    return done / (time.perf_counter() - t0)
+
+
+def inprocess_rate(sealed: list[tuple[str, bytes]], inventory: Path) -> float:
+    """Monitor.handle on one thread, without MQTT."""
+    from ops.config import load_inventory
+    from ops.fleet import Fleet
+    from ops.monitor import Monitor
+
+    inv = load_inventory(inventory)
+    mon = Monitor(halls=[HALL], keyring=inv.keyring, fleet=Fleet(track_gaps=True),
+                  link_factory=lambda **kw: None)
+    t0 = time.perf_counter()
+    for topic, payload in sealed:
+        mon.handle(topic, payload)
+    elapsed = time.perf_counter() - t0
+    if mon.stats.verified != len(sealed):
+        raise RuntimeError(f"in-process run verified {mon.stats.verified} of {len(sealed)}")
+    return len(sealed) / elapsed
+
+
+# -- a raw MQTT 3.1.1 publisher ----------------------------------------------------------------
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _packet(header: int, body: bytes) -> bytes:
+    return bytes([header]) + _remaining_length(len(body)) + body
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+def publish_all(port: int, sealed: list[tuple[str, bytes]]) -> float:
+    """Publish every message at QoS 1 as fast as the socket takes them; return when the
+    broker has acknowledged all of them (seconds taken)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    # CONNECT: protocol "MQTT" level 4, clean session, keepalive 60 s (MQTT 3.1.1 section 3.1).
+    sock.sendall(_packet(0x10, _utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
+                         + _utf8(f"bench-pub-{secrets.token_hex(3)}")))
+    expected = 4 + 4 * len(sealed)          # CONNACK, then one PUBACK (4 bytes) per message
+    got = 0
+
+    def drain() -> None:
+        nonlocal got
+        while got < expected:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            got += len(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    t0 = time.monotonic()
+    batch = bytearray()
+    for i, (topic, payload) in enumerate(sealed):
+        # PUBLISH, QoS 1 (flags 0x02), packet id 1..65535.
+        batch += _packet(0x32, _utf8(topic) + struct.pack("!H", i % 65535 + 1) + payload)
+        if len(batch) > 256 * 1024:
+            sock.sendall(batch)
+            batch.clear()
+    sock.sendall(batch)
+    reader.join(120)
+    elapsed = time.monotonic() - t0
+    sock.sendall(b"\xe0\x00")               # DISCONNECT
+    sock.close()
+    return elapsed
+
+
+# -- monitor processes -------------------------------------------------------------------------
+def _worker(args: argparse.Namespace) -> int:
+    """One monitor process: report how many messages it verified and when."""
+    import logging
+
+    from ops.config import load_inventory
+
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("hallkiosk.mqtt.paho").setLevel(logging.CRITICAL)
+    from ops.fleet import Fleet
+    from ops.monitor import Monitor
+
+    first = last = None
+    lock = threading.Lock()
+
+    class TimedMonitor(Monitor):
+        def handle(self, topic, payload, *, retained=False):
+            nonlocal first, last
+            result = super().handle(topic, payload, retained=retained)
+            now = time.monotonic()
+            with lock:
+                first = now if first is None else first
+                last = now
+            return result
+
+    inv = load_inventory(args.inventory)
+    mon = TimedMonitor(halls=[HALL], keyring=inv.keyring, port=args.port, share_group=GROUP,
+                       instance=f"bench-{os.getpid()}", workers=args.workers, session_expiry_s=0,
+                       fleet=Fleet(track_gaps=False, heartbeat_timeout_s=None), tick_s=1.0)
+    mon.start()
+    if not mon.wait_connected(10):
+        print(json.dumps({"error": "not connected"}), flush=True)
+        return 1
+    time.sleep(0.5)    # let the SUBACK land before the publisher starts (no event for it)
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()          # the parent writes a line once every message was handled
+    stats = mon.stats_copy()
+    mon.stop()
+    print(json.dumps({"verified": stats["verified"], "rejected": stats["rejected"],
+                      "first": first, "last": last}), flush=True)
+    return 0
+
+
+def _run_processes(n: int, *, port: int, inventory: Path, sealed, workers: int) -> dict:
+    procs = [subprocess.Popen([sys.executable, "-m", "emulator.bench_ops", "worker",
+                               "--port", str(port), "--inventory", str(inventory),
+                               "--workers", str(workers)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    try:
+        for p in procs:
+            line = p.stdout.readline()
+            if "ready" not in line:
+                raise RuntimeError(f"bench monitor did not start: {line!r}")
+        publish_s = publish_all(port, sealed)
+        deadline = time.monotonic() + 120
+        results = []
+        # Each process reports only when told; ask once the broker's queues have drained,
+        # which the broker's own $SYS counters do not tell portably: poll /proc for idleness.
+        _wait_idle([p.pid for p in procs], deadline)
+        for p in procs:
+            p.stdin.write("done\n")
+            p.stdin.flush()
+            results.append(json.loads(p.stdout.readline()))
+            p.wait(20)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+    verified = sum(r["verified"] for r in results)
+    span = max(r["last"] for r in results) - min(r["first"] for r in results)
+    return {"processes": n, "workers_per_process": workers, "verified": verified,
+            "of": len(sealed), "seconds": round(span, 3),
+            "per_s": round(verified / span) if span > 0 else None,
+            "per_process": [r["verified"] for r in results],
+            "publish_s": round(publish_s, 3)}
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _wait_idle(pids: list[int], deadline: float) -> None:
+    """Until every process used no CPU for 1 s (they have handled everything they got)."""
+    last = {pid: _cpu_ticks(pid) for pid in pids}
+    quiet_since = None
+    while time.monotonic() < deadline:
+        time.sleep(0.25)   # sampling another process's CPU counter: there is no event to wait on
+        now = {pid: _cpu_ticks(pid) for pid in pids}
+        busy = any(now[p] - last[p] > 1 for p in pids)
+        last = now
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= 1.0:
+            return
+
+
+class _BenchBroker:
+    """A Mosquitto with unbounded queues (emulator.broker's test broker caps them at 10000,
+    which is right for tests and would drop the benchmark's backlog while monitors catch up).
+    No persistence: nothing here needs to survive."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                             "max_queued_messages 0\nmax_inflight_messages 0\n"
+                             "persistence false\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> _BenchBroker:
+        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)   # waiting for a child process to bind: no event to wait on
+        self.stop()
+        raise RuntimeError(f"bench broker did not listen on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def run_ops_bench(out: Path, messages: int = 20000, kiosks: int = 50,
+                  workers: int = 2) -> dict:
+    """Run every figure; write ``out/bench_ops.json`` and return the figures."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sealed = make_messages(out, kiosks=kiosks, messages=messages)
+    from ops.config import load_inventory
+
+    inv = load_inventory(out / "inventory.toml")
+    keys = {inv.keyring.get(kid).owner: inv.keyring.get(kid).public_key for kid in inv.keyring}
+    figures: dict[str, object] = {"cpus": os.cpu_count(), "messages": messages, "kiosks": kiosks,
+                                  "payload_bytes_mean": sum(len(p) for _, p in sealed)
+                                  // len(sealed)}
+    raw = raw_verify_rate(sealed, keys)
+    figures["raw_verify_per_s"] = round(raw)
+    inproc = inprocess_rate(sealed, out / "inventory.toml")
+    figures["inprocess_per_s"] = round(inproc)
+    figures["inprocess_vs_raw"] = round(inproc / raw, 3)
+    broker = _BenchBroker(out / "broker").start()
+    try:
+        one_w1 = _run_processes(1, port=broker.port, inventory=out / "inventory.toml",
+                                sealed=sealed, workers=1)
+        one = _run_processes(1, port=broker.port, inventory=out / "inventory.toml",
+                             sealed=sealed, workers=workers)
+        two = _run_processes(2, port=broker.port, inventory=out / "inventory.toml",
+                             sealed=sealed, workers=workers)
+    finally:
+        broker.stop()
+    figures["one_process_1_worker"] = one_w1
+    figures["one_process"] = one
+    figures["two_processes"] = two
+    if one["per_s"]:
+        figures["one_process_vs_raw"] = round(one["per_s"] / raw, 3)
+        figures["one_process_1_worker_vs_raw"] = round((one_w1["per_s"] or 0) / raw, 3)
+        figures["two_vs_one_process"] = round((two["per_s"] or 0) / one["per_s"], 3)
+    figures["targets"] = {"one_process_vs_raw": ">= 0.7", "two_vs_one_process": "close to 2"}
+    (out / "bench_ops.json").write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emulator.bench_ops")
+    sub = p.add_subparsers(dest="mode")
+    w = sub.add_parser("worker")
+    w.add_argument("--port", type=int, required=True)
+    w.add_argument("--inventory", type=Path, required=True)
+    w.add_argument("--workers", type=int, default=2)
+    r = sub.add_parser("run")
+    r.add_argument("--out", type=Path, default=Path("bench-out"))
+    r.add_argument("--messages", type=int, default=20000)
+    args = p.parse_args(argv)
+    if args.mode == "worker":
+        return _worker(args)
+    out = getattr(args, "out", Path("bench-out"))
+    print(json.dumps(run_ops_bench(out, messages=getattr(args, "messages", 20000)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""The ops monitor against a real Mosquitto and emulated kiosks (agents on real ptys).
+
+Where a test needs a kiosk to misbehave on the wire (drop messages, forge a signature) it
+publishes with that kiosk's own key through a plain MQTT link, exactly as a broken or
+hostile kiosk would; everything else is the real agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import paho.mqtt.client as paho
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.keys import generate_private_key, public_b64
+from edge.mqtt import LinkMessage, MqttLink
+from edge.telemetry import TelemetryBuilder, link_health
+from emulator.idcard import Card
+from mqtt_topics.envelope import Signer, key_id, verify
+from mqtt_topics.topics import HallTopics, KioskTopics
+from ops.alerts import AlertEngine, AlertRule, AlertSink
+from ops.consumer import TicketConsumer
+from ops.dashboard import render
+from ops.fleet import Fleet
+from ops.metrics import MetricsServer, monitor_view
+from ops.monitor import Monitor, subscriptions
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+RULES = (AlertRule("kiosk_offline", "offline", "critical", after_s=0.5),
+         AlertRule("lost_messages", "gaps", "warning", threshold=1, window_s=60),
+         AlertRule("bad_signature", "bad_signature", "critical", threshold=1, window_s=60))
+
+
+def enroll_services(hall, *identities: tuple[str, str]) -> None:
+    """On a hall with a PKI (mTLS broker, ACLs from the inventory): enroll these service
+    (id, role) pairs and restart the broker, which reads its ACL file only at start or
+    SIGHUP; a restart is the one that can be waited for (it listens again when ready)."""
+    pki = getattr(hall, "pki", None)
+    new = [(i, r) for i, r in identities if pki is not None and i not in pki.identities]
+    if not new:
+        return
+    hall.broker.stop()
+    for ident, role in new:
+        pki.add_service(ident, role)
+    hall.broker.start()
+
+
+def tls(hall, ident: str):
+    """mTLS settings as ``ident`` on a PKI hall, None on a plain one."""
+    return hall.tls_for(ident) if getattr(hall, "pki", None) is not None else None
+
+
+def service_key(hall, ident: str, role: str):
+    """The signing key of a service identity (enrolled on a PKI hall, generated otherwise),
+    trusted by the hall's keyring."""
+    pki = getattr(hall, "pki", None)
+    key = (pki[ident].key if pki is not None
+           else generate_private_key(hall.dir / f"{ident}.key"))
+    if key_id(key.public_key()) not in hall.keyring:
+        hall.keyring.add(key.public_key(), owner=ident, roles=(role,))
+    return key
+
+
+def start_monitor(hall, *, published=None, instance: str = "ops-mon", **kw) -> Monitor:
+    enroll_services(hall, (instance, "monitor"))
+    fleet = Fleet(heartbeat_timeout_s=None, gap_grace_s=kw.pop("gap_grace_s", 0.3),
+                  track_gaps=kw.get("share_group") is None)
+    sink = AlertSink(None if published is None else
+                     (lambda topic, body: published.append((topic, body))))
+    mon = Monitor(halls=[hall.hall_id], keyring=hall.keyring, port=hall.broker.port,
+                  instance=instance, fleet=fleet, alerts=AlertEngine(RULES), sink=sink,
+                  tick_s=0.1, reconnect_min_s=0.1, reconnect_max_s=1.0,
+                  tls=tls(hall, instance), **kw).start()
+    assert mon.wait_connected(10), "monitor did not connect"
+    return mon
+
+
+def status_of(mon: Monitor, hall, device: str) -> str | None:
+    snap = [k for k in mon.snapshot() if k.device == device]
+    return snap[0].status if snap else None
+
+
+class Wire:
+    """A kiosk's key on a plain paho client: publishes what the test decides, skips what it
+    drops. (Plain paho, one publish at a time: this is test scaffolding, not the link.)"""
+
+    def __init__(self, hall, kiosk) -> None:
+        self.topics = KioskTopics(hall.hall_id, kiosk.device_id)
+        self._seq = 0
+        self.signer = Signer(kiosk.key, sender=kiosk.device_id, boot_id=secrets.token_hex(16),
+                             next_seq=self._next)
+        # As the kiosk itself (with mTLS the broker only lets it write its own topics).
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=kiosk.device_id,
+                                  protocol=MQTTProtocolVersion.MQTTv5)
+        creds = tls(hall, kiosk.device_id)
+        if creds is not None:
+            self.client.tls_set(ca_certs=creds.ca_file, certfile=creds.cert_file,
+                                keyfile=creds.key_file)
+        connected = threading.Event()
+        self.client.on_connect = lambda *a: connected.set()
+        self.client.connect("127.0.0.1", hall.broker.port)
+        self.client.loop_start()
+        assert connected.wait(10), "wire did not connect"
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def seal(self, kind: str, body: dict) -> tuple[str, bytes]:
+        topic = self.topics.topic(kind)
+        return topic, self.signer.seal(topic, kind, body)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        info = self.client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(10)
+        assert info.is_published(), f"publish to {topic} not acknowledged"
+
+    def event(self, name: str, **detail) -> tuple[str, bytes]:
+        return self.seal("event", {"name": name, "severity": "info", "subject": None,
+                                   "detail": detail})
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def ticket_body(device: str, serial: int) -> dict:
+    return {"ticket_uid": f"{device}:{serial}", "ticket_id": f"A-09-{serial:04d}",
+            "service": "A", "service_name": "Citizen card", "number": serial, "serial": serial,
+            "issued_at_ms": 1, "clock_trusted": True, "waiting_ahead": 0, "priority": "normal",
+            "appointment_id": None, "citizen": None, "source": "button", "printed": "yes"}
+
+
+def test_offline_detected_when_a_kiosk_is_killed(hall):
+    published: list = []
+    mon = start_monitor(hall, published=published)
+    try:
+        alive = hall.add_kiosk("k1")
+        alive.start_agent()
+        doomed = hall.add_kiosk("k2")
+        proc = doomed.spawn_agent()
+        wait_for(lambda: status_of(mon, hall, "k1") == "online", what="k1 online")
+        wait_for(lambda: status_of(mon, hall, "k2") == "online", timeout_s=15, what="k2 online")
+        proc.kill()                      # no clean shutdown: only the MQTT will can tell
+        proc.wait(10)
+        wait_for(lambda: status_of(mon, hall, "k2") == "offline", timeout_s=5,
+                 what="k2 offline by its will")
+        snap = [k for k in mon.snapshot() if k.device == "k2"][0]
+        assert snap.status_reason == "connection lost"
+        assert status_of(mon, hall, "k1") == "online"
+        wait_for(lambda: [b for _, b in published if b["rule"] == "kiosk_offline"],
+                 timeout_s=5, what="offline alert")
+        topic, body = published[0]
+        assert topic == HallTopics(hall.hall_id).alerts
+        assert (body["device"], body["state"], body["severity"]) == ("k2", "firing", "critical")
+        # The will's seq and the births' seqs are not counted as lost messages.
+        assert all(k.lost == 0 for k in mon.snapshot())
+    finally:
+        mon.stop()
+
+
+def test_a_gap_is_reported_when_messages_are_dropped(hall, tmp_path):
+    mon = start_monitor(hall)
+    kiosk = hall.add_kiosk("k3")
+    wire = Wire(hall, kiosk)
+    try:
+        telemetry = TelemetryBuilder(agent_version="0.1.0", config_hash="0" * 64,
+                                     find_vcgencmd=False, outbox=lambda: (0, None),
+                                     peripherals={"idcard-reader": lambda: link_health(True)})
+        wire.publish(*wire.seal("telemetry", telemetry.build()), qos=0)
+        wire.publish(*wire.event("one"))
+        for n in range(4):
+            wire.event(f"dropped{n}")          # sealed, never sent
+        wire.publish(*wire.event("after"))
+        wait_for(lambda: [k for k in mon.snapshot() if k.device == "k3" and k.lost == 4],
+                 what="4 lost messages")
+        wait_for(lambda: [a for a in mon.firing() if a.rule == "lost_messages"],
+                 what="lost-messages alert")
+        snap = [k for k in mon.snapshot() if k.device == "k3"][0]
+        assert snap.messages == {"telemetry": 1, "event": 2}
+        assert snap.peripherals["idcard_reader"]["ok"] is True and snap.net_up is not None
+    finally:
+        wire.close()
+        mon.stop()
+
+
+def test_a_bad_signature_raises_an_alert(hall, caplog):
+    published: list = []
+    mon = start_monitor(hall, published=published)
+    kiosk = hall.add_kiosk("k4")
+    wire = Wire(hall, kiosk)
+    try:
+        wire.publish(*wire.event("hello"))
+        wait_for(lambda: status_of(mon, hall, "k4") == "online", what="k4 seen")
+        # Someone without the kiosk's key: a key the hall never trusted, and a tampered body.
+        intruder = Signer(Ed25519PrivateKey.generate(), sender="k4",
+                          boot_id=secrets.token_hex(16), next_seq=lambda: 10)
+        topic = wire.topics.event
+        forged = intruder.seal(topic, "event", {"name": "door_open", "severity": "info",
+                                                "subject": None, "detail": {}})
+        _, genuine = wire.event("paper_ok")
+        with caplog.at_level(logging.WARNING):
+            wire.publish(topic, forged)
+            wire.publish(topic, genuine.replace(b"paper_ok", b"paper_no"))
+            wait_for(lambda: [b for _, b in published if b["rule"] == "bad_signature"],
+                     what="bad-signature alert published")
+        snap = [k for k in mon.snapshot() if k.device == "k4"][0]
+        assert snap.bad_signatures == 2
+        assert mon.stats_copy()["rejected"]["signature"] == 2
+        assert any("bad_signature" in r.getMessage() for r in caplog.records
+                   if r.name == "hallkiosk.ops.monitor")
+        assert any("alert bad_signature firing" in r.getMessage() for r in caplog.records)
+    finally:
+        wire.close()
+        mon.stop()
+
+
+def test_dashboard_and_metrics_of_a_live_hall(hall):
+    hall.start_consumer()
+    mon = start_monitor(hall)
+    metrics = MetricsServer(monitor_view(mon), port=0).start()
+    try:
+        k5 = hall.add_kiosk("k5", services=(("A", "Citizen card", "A"),))
+        k5.start_agent()
+        k6 = hall.add_kiosk("k6")
+        k6.start_agent()
+        wait_for(lambda: status_of(mon, hall, "k5") == "online", what="k5 online")
+        k5.reader.present(Card.valid())
+        wait_for(lambda: [k for k in mon.snapshot() if k.device == "k5" and k.last_ticket_id],
+                 what="ticket seen by the monitor")
+        wait_for(lambda: status_of(mon, hall, "k6") == "online", what="k6 online")
+
+        text = render(mon.snapshot(), width=80, alerts=mon.firing())
+        assert all(len(line) <= 80 for line in text.splitlines())
+        rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("k")}
+        assert set(rows) == {"k5", "k6"}
+        assert "online" in rows["k5"] and "A-01-0001" in rows["k5"]
+        assert "2 kiosks: 2 online" in text
+
+        url = f"http://127.0.0.1:{metrics.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.status == 200
+            scraped = resp.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(scraped):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        lab = lambda device, **extra: tuple(sorted({"hall": hall.hall_id, "kiosk": device,  # noqa: E731
+                                                    **extra}.items()))
+        assert samples[("hallkiosk_kiosk_up", lab("k5"))] == 1
+        assert samples[("hallkiosk_kiosk_status", lab("k6", status="online"))] == 1
+        assert samples[("hallkiosk_kiosk_tickets_total", lab("k5"))] == 1
+        assert samples[("hallkiosk_kiosk_messages_total", lab("k5", type="ticket"))] >= 1
+        assert samples[("hallkiosk_hall_kiosks", (("hall", hall.hall_id),
+                                                  ("status", "online")))] == 2
+        assert samples[("hallkiosk_monitor_messages_total", (("result", "verified"),))] >= 3
+        assert samples[("hallkiosk_monitor_connected", ())] == 1
+        # Every series the shipped Grafana dashboard queries exists.
+        families = {f.name for f in text_string_to_metric_families(scraped)}
+        grafana = (Path(__file__).parent.parent / "ops" / "grafana-dashboard.json").read_text()
+        used = set(re.findall(r"hallkiosk_[a-z0-9_]+", grafana)) - {"hallkiosk_fleet"}
+        missing = {m for m in used if m not in families and m.removesuffix("_total") not in families}
+        assert used and not missing, missing
+    finally:
+        metrics.stop()
+        mon.stop()
+
+
+def test_two_monitors_share_the_load_without_double_acking(hall):
+    # Two instances, each with its own consumer identity (the contract wants one sender id
+    # and key per instance), sharing one ledger database on this host. Identities first:
+    # a kiosk learns which consumers to trust when it is enrolled.
+    enroll_services(hall, ("ledger-b", "consumer"), ("ops-0", "monitor"), ("ops-1", "monitor"),
+                    ("ack-recorder", "monitor"))
+    keys = {"ledger": hall.ledger_key, "ledger-b": service_key(hall, "ledger-b", "consumer")}
+    ledger_dir = hall.dir / "shared-ledger"
+    acks: list[LinkMessage] = []
+    rec = MqttLink(client_id="ack-recorder", host="127.0.0.1", port=hall.broker.port,
+                   sink=lambda ev: acks.append(ev) if isinstance(ev, LinkMessage) else None,
+                   subscriptions=((HallTopics(hall.hall_id).all_ticket_acks, 1),),
+                   tls=tls(hall, "ack-recorder"))
+    rec.start()
+    assert rec.wait_connected(10)
+    consumers = [
+        TicketConsumer(service_id=sid, hall=hall.hall_id, key=keys[sid], keyring=hall.keyring,
+                       state_dir=ledger_dir, host="127.0.0.1", port=hall.broker.port,
+                       group="consumers", tls=tls(hall, sid))
+        for sid in ("ledger", "ledger-b")]
+    monitors = [start_monitor(hall, share_group="ops", instance=f"ops-{i}",
+                              consumers=[consumers[i]]) for i in range(2)]
+    try:
+        for c in consumers:
+            assert c.link.wait_connected(10)
+        kiosks = []
+        for device in ("k7", "k8"):
+            k = hall.add_kiosk(device, services=(("A", "Citizen card", "A"),))
+            if getattr(hall, "pki", None) is None:
+                with open(k.config_path, "a") as f:
+                    f.write(f'\n[[keys.trusted]]\nowner = "ledger-b"\nrole = "consumer"\n'
+                            f'public_key = "{public_b64(keys["ledger-b"])}"\n')
+            k.start_agent()
+            kiosks.append(k)
+        # A kiosk takes citizens once it says it is online (its retained state).
+        try:
+            wait_for(lambda: all(status_of(m, hall, k.device_id) == "online"
+                                 for m in monitors for k in kiosks), what="kiosks online")
+        except AssertionError:
+            raise AssertionError([[(k.device, k.status, k.status_reason) for k in m.snapshot()]
+                                  for m in monitors]) from None
+        per_kiosk = 4
+        for n in range(per_kiosk):
+            for k in kiosks:
+                k.reader.present(Card.valid())
+            for k in kiosks:
+                assert k.printer.wait_for_tickets(n + 1, 10)
+        total = per_kiosk * len(kiosks)
+        wait_for(lambda: consumers[0].ledger.count() == total, timeout_s=15,
+                 what="every ticket in the shared ledger")
+        wait_for(lambda: all(k.agent.store.depth() == 0 for k in kiosks), timeout_s=15,
+                 what="every outbox emptied by an ack")
+
+        # Both instances took a share of the tickets.
+        stored = [c.stats.stored for c in consumers]
+        assert sum(stored) == total and all(stored), stored
+
+        # The hard case: one ticket sent twice in fresh envelopes (an outbox re-send racing
+        # a slow ack), each copy landing on another instance. Separate ledgers would accept
+        # it twice under two ledger ids; the shared one accepts once and says duplicate.
+        wire = Wire(hall, hall.add_kiosk("k9"))
+        twice = 3
+        for serial in range(1, twice + 1):
+            body = ticket_body("k9", serial)
+            for _ in range(2):
+                wire.publish(*wire.seal("ticket", body))
+        total += twice
+        wait_for(lambda: consumers[0].ledger.count() == total, what="k9 tickets stored")
+
+        def k9_acks():
+            out = [verify(m.payload, m.topic, hall.keyring, expect_type="ticket_ack")
+                   for m in list(acks) if "/k9/" in m.topic]
+            return out if len(out) == 2 * twice else None
+
+        k9 = wait_for(k9_acks, what="both copies of every k9 ticket acknowledged")
+        wire.close()
+        split = 0
+        for serial in range(1, twice + 1):
+            pair = [v for v in k9 if v.body["ticket_uid"] == f"k9:{serial}"]
+            answers = sorted((v.body["status"], v.body["ledger_id"]) for v in pair)
+            assert [a[0] for a in answers] == ["accepted", "duplicate"], answers
+            assert answers[0][1] == answers[1][1]
+            split += len({v.sender for v in pair}) == 2
+        # The group's round robin gave the two copies of a pair to different instances.
+        assert split, "no pair was split between the instances"
+
+        # No ticket was ever accepted twice (kiosk re-sends included): one "accepted" ack per
+        # ticket, distinct ledger ids, and every "duplicate" names the first copy's id.
+        verified = [verify(m.payload, m.topic, hall.keyring, expect_type="ticket_ack")
+                    for m in acks]
+        accepted = Counter(v.body["ticket_uid"] for v in verified
+                           if v.body["status"] == "accepted")
+        assert len(accepted) == total and set(accepted.values()) == {1}
+        ids = {v.body["ticket_uid"]: v.body["ledger_id"] for v in verified
+               if v.body["status"] == "accepted"}
+        assert len(set(ids.values())) == total
+        for v in verified:
+            if v.body["status"] == "duplicate":
+                assert v.body["ledger_id"] == ids[v.body["ticket_uid"]]
+        assert {v.sender for v in verified} == {"ledger", "ledger-b"}
+        # The monitors split the fleet traffic too, and both saw every kiosk's birth.
+        tickets_seen = [m.stats_copy()["by_kind"].get("ticket", 0) for m in monitors]
+        assert sum(tickets_seen) >= total and all(tickets_seen), tickets_seen
+        for m in monitors:
+            assert {k.device: k.status for k in m.snapshot() if k.device != "k9"} == {
+                "k7": "online", "k8": "online"}
+    finally:
+        for m in monitors:
+            m.stop()
+        rec.stop()
+
+
+def test_subscriptions_keep_state_unshared():
+    subs = dict(subscriptions(["h1"], "ops"))
+    assert "hall/h1/kiosk/+/state" in subs
+    assert "$share/ops/hall/h1/kiosk/+/telemetry" in subs
+    assert all(not f.startswith("$share/") for f in subs if f.endswith("/state"))
+    assert dict(subscriptions(["h1", "h2"])).keys() >= {"hall/h2/kiosk/+/ticket",
+                                                        "hall/h1/kiosk/+/cmd/result"}
