@@ -43,7 +43,10 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(Path(args.out), tickets=args.tickets)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
+    """``tools=False`` leaves out the subcommands whose modules pull in numpy, Pillow or
+    the QR pipeline: the kiosk's own process (``hallkiosk agent``) never loads them (about
+    10 MB of RSS on a board that has 1 GB or less)."""
     p = argparse.ArgumentParser(prog="hallkiosk", description="Edge agent for self-service kiosks "
                                 "in government service halls, and the tools around it.")
     p.add_argument("--version", action="version", version=f"hallkiosk {__version__}")
@@ -68,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tickets", type=int, default=200)
     b.set_defaults(func=_bench)
 
-    # Subcommands owned by their packages (each module builds its own parser lazily).
+    if not tools:
+        return p
+    # Subcommands owned by their packages (each module builds its own parser).
     from edge.cells.node import add_parser as add_cell_node
     from emulator.bench_qr import add_parser as add_qr_bench
     from emulator.booking import add_parser as add_qr_code
@@ -84,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    lean = bool(argv) and argv[0] in ("agent", "check-config")
+    args = build_parser(tools=not lean).parse_args(argv)
     try:
         return args.func(args)
     except HallkioskError as exc:
