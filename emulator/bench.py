@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import statistics
 import threading
 import time
@@ -68,6 +69,9 @@ def _wait_line(proc, needle: str, timeout_s: float) -> float | None:
 
 def run_bench(out: Path, tickets: int = 200) -> int:
     out.mkdir(parents=True, exist_ok=True)
+    # A fresh hall each run (its CA refuses to be overwritten, rightly).
+    shutil.rmtree(out / "hall", ignore_errors=True)
+    shutil.rmtree(out / "ops", ignore_errors=True)
     figures: dict[str, object] = {}
     poll_s = 0.3
     with EmulatedHall(out / "hall") as hall:
