@@ -296,10 +296,16 @@ class KioskStore:
         # continues above what consumers have seen from it, and they refuse an older
         # sequence number as a replay. With a wrong clock it is no worse than 0.
         seq_start = max(1, int(self._clock.wall() * 1000))
+        # The ticket serial (the second half of every ticket_uid, which the hall's ledger
+        # dedupes on) starts at the wall clock in seconds for the same reason: a kiosk whose
+        # store was lost must not re-issue uids the ledger already holds, or its new tickets
+        # would be taken for duplicates and silently dropped. A kiosk issues far fewer than
+        # one ticket per second on average, so a re-seeded store starts above the old serials.
+        serial_start = max(0, int(self._clock.wall()) - 1)
         conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)",
             [
-                ("serial", 0),
+                ("serial", serial_start),
                 ("seq_reserved_to", seq_start),
                 ("session", 0),
                 ("numbers_day", None),

@@ -411,7 +411,8 @@ def test_ticket_over_mtls_with_enrolled_key_and_no_personal_data(hall):
     wait_for(lambda: kiosk.leds.state("A") or kiosk.leds.state("B"), what="service LEDs")
     kiosk.buttons.press("A")
     assert kiosk.printer.wait_for_tickets(1, 10)
-    wait_for(lambda: consumer.ledger.lookup("k07:1"), what="ticket in the ledger")
+    uid = kiosk.printer.tickets[0].qr_codes[0]
+    wait_for(lambda: consumer.ledger.lookup(uid), what="ticket in the ledger")
     wait_for(lambda: agent.store.depth() == 0, what="outbox emptied by the signed ack")
     wait_for(lambda: any(m.topic.endswith("/ticket/ack") for m in hall.auditor.messages),
              what="auditor saw the ack")

@@ -76,9 +76,12 @@ def test_numbers_per_service_increase_and_serial_is_kiosk_wide(store: KioskStore
     assert [e.ticket_id for e in entries] == [
         "A-07-0001", "A-07-0002", "B-07-0001", "A-07-0003", "B-07-0002",
     ]
-    assert [e.created_seq for e in entries] == [1, 2, 3, 4, 5]
+    # The serial starts at the wall clock in seconds (a lost store cannot re-issue uids).
+    first = entries[0].created_seq
+    assert first == int(ManualClock().wall())
+    assert [e.created_seq for e in entries] == list(range(first, first + 5))
     assert len({e.uid for e in entries}) == 5
-    assert [e.uid for e in entries] == [f"{DEVICE}:{n}" for n in range(1, 6)]
+    assert [e.uid for e in entries] == [f"{DEVICE}:{n}" for n in range(first, first + 5)]
     expected = {"ticket_uid": entries[0].uid, "ticket_id": "A-07-0001", "hmac": "00ff"}
     assert entries[0].body == expected
 
@@ -94,7 +97,8 @@ def test_numbers_wrap_after_9999(db: Path) -> None:
     with KioskStore(db) as s:
         ids = [commit(s).ticket_id for _ in range(3)]
         assert ids == ["A-07-9999", "A-07-0001", "A-07-0002"]
-        assert [e.created_seq for e in s.pending()] == [1, 2, 3]
+        serials = [e.created_seq for e in s.pending()]
+        assert serials == list(range(serials[0], serials[0] + 3))
 
 
 @pytest.mark.parametrize("service,prefix", [("", "07"), ("A/B", "07"), ("A", "0 7"), (1, "07"), ("A" * 33, "07")])
@@ -113,10 +117,23 @@ def test_reopen_continues_numbers_serial_seq_and_session(db: Path) -> None:
     with KioskStore(db) as s:
         again = [commit(s, svc) for svc in "AB"]
         assert [e.ticket_id for e in again] == ["A-07-0002", "B-07-0002"]
-        assert [e.created_seq for e in again] == [3, 4]
+        base = first[0].created_seq
+        assert [e.created_seq for e in again] == [base + 2, base + 3]
         assert {e.uid for e in again}.isdisjoint(e.uid for e in first)
         assert s.next_seq() > max(seqs)
         assert s.session_counter() == session + 1
+
+
+def test_a_lost_store_does_not_reissue_ticket_uids(tmp_path: Path) -> None:
+    """A kiosk whose SD card was replaced starts a new store; its uids must not collide
+    with the ones the hall's ledger already holds (the ledger would drop them as duplicates)."""
+    clock = ManualClock()
+    with KioskStore(tmp_path / "old.sqlite", clock=clock) as old:
+        old_uids = {commit(old).uid for _ in range(50)}
+    clock.advance(3600)                      # re-imaged an hour later
+    with KioskStore(tmp_path / "new.sqlite", clock=clock) as new:
+        new_uids = {commit(new).uid for _ in range(50)}
+    assert old_uids.isdisjoint(new_uids)
 
 
 def test_failed_make_body_allocates_nothing(store: KioskStore) -> None:
@@ -135,7 +152,7 @@ def test_failed_make_body_allocates_nothing(store: KioskStore) -> None:
         )
     assert store.depth() == 0
     entry = commit(store)
-    assert (entry.ticket_id, entry.created_seq) == ("A-07-0001", 1)
+    assert (entry.ticket_id, entry.created_seq) == ("A-07-0001", int(ManualClock().wall()))
 
 
 def test_duplicate_ticket_uid_is_refused(store: KioskStore) -> None:
@@ -146,13 +163,13 @@ def test_duplicate_ticket_uid_is_refused(store: KioskStore) -> None:
 
 
 def test_daily_reset_restarts_numbers_but_not_the_serial(store: KioskStore) -> None:
-    commit(store)
+    base = commit(store).created_seq
     assert store.reset_numbers_if_new_day("2026-03-01") is False  # first day only records
     assert commit(store).ticket_id == "A-07-0002"
     assert store.reset_numbers_if_new_day("2026-03-01") is False
     assert store.reset_numbers_if_new_day("2026-03-02") is True
     entry = commit(store)
-    assert (entry.ticket_id, entry.created_seq) == ("A-07-0001", 3)
+    assert (entry.ticket_id, entry.created_seq) == ("A-07-0001", base + 2)
     # A clock put back must not hand out today's numbers twice, but is recorded.
     assert store.reset_numbers_if_new_day("2026-03-01") is False
     assert commit(store).ticket_id == "A-07-0002"
@@ -454,7 +471,8 @@ def test_sigkill_at_random_points_loses_and_reuses_nothing(db: Path) -> None:
         # other gaps.
         assert set(pending) - set(tickets) <= maybe_committed
         top = max(tickets)
-        assert set(range(1, top + 1)) - set(tickets) <= maybe_committed
+        # (The first serial is the store's creation time in seconds, not 1.)
+        assert set(range(min(tickets), top + 1)) - set(tickets) <= maybe_committed
         all_displays = displays + [pending[n].ticket_id for n in set(pending) - set(tickets)]
         assert len(set(all_displays)) == len(all_displays)
         # Reopened: numbers, serial and seq go on without reuse.
