@@ -10,8 +10,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRA=${1:-test}
 
-# Debian packages: the broker the tests and demo start, and the zbar library pyzbar loads.
+# Debian packages: the broker the tests and demo start, the zbar library pyzbar loads, and
+# GNU cpio (the test suite checks the QEMU harness's initramfs writer against it).
 need=()
+command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 if ! ldconfig -p 2>/dev/null | grep -q 'libzbar\.so\.0'; then need+=(libzbar0); fi
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
