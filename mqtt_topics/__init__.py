@@ -25,6 +25,7 @@ from .topics import (
     KIOSK_KINDS,
     MESSAGE_TYPE_FOR_KIND,
     ROLE_FOR_KIND,
+    TO_KIOSK_KINDS,
     Delivery,
     HallTopics,
     KioskTopics,
@@ -35,7 +36,7 @@ from .topics import (
 
 __all__ = [
     "CONTRACT_VERSION", "DELIVERY", "ID_RE", "KINDS", "KIOSK_KINDS", "MAX_PAYLOAD",
-    "MESSAGE_TYPES", "MESSAGE_TYPE_FOR_KIND", "ROLE_FOR_KIND", "Delivery", "HallTopics",
+    "MESSAGE_TYPES", "MESSAGE_TYPE_FOR_KIND", "ROLE_FOR_KIND", "TO_KIOSK_KINDS", "Delivery", "HallTopics",
     "KeyEntry", "Keyring", "KioskTopics", "SequenceTracker", "Signer", "TopicParts", "Verified",
     "canonical_bytes", "canonical_json", "key_id", "parse_topic", "state_supersedes",
     "validate_body", "validate_id", "verify",

@@ -224,6 +224,8 @@ def _check_body_against_topic(msg_type: str, body: dict[str, Any], parts: TopicP
     """Relations between a valid body and its topic (the sender already owns kiosk kinds)."""
     if msg_type == "cmd" and body["target"] != parts.device:
         raise ContractError("cmd.body.target: differs from the device of the topic")
+    if msg_type == "alert" and body["device"] != parts.device:
+        raise ContractError("alert.body.device: differs from the device of the topic")
     if msg_type in ("ticket", "ticket_ack"):
         match = TICKET_UID_RE.fullmatch(body["ticket_uid"])
         owner = match.group(1) if match else None

@@ -333,6 +333,15 @@ def _ticket_uid_matches_serial(body: dict[str, Any], path: str, problems: Proble
         problems.append(f"{path}.ticket_uid: serial part differs from {path}.serial")
 
 
+#: What an ops-monitor alert can be about (ops.alerts evaluates them; see docs/mqtt-contract.md).
+ALERT_KINDS: Final = ("offline", "paper", "temperature", "outbox_backlog", "fault",
+                      "gaps", "bad_signature", "replay", "malformed")
+ALERT_SEVERITIES: Final = ("info", "warning", "critical")
+#: "{rule}:{hall}:{device}:{episode start, unix s}": equal on every monitor that sees the episode.
+ALERT_ID = Str(128, 1, re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:-]{0,127}"),
+               label="alert id of 1-128 of A-Z a-z 0-9 _ : -")
+
+
 SCHEMAS: Final[Mapping[str, Struct]] = {
     "ticket": Struct((
         Field("ticket_uid", TICKET_UID),
@@ -387,6 +396,17 @@ SCHEMAS: Final[Mapping[str, Struct]] = {
         Field("status", Str(enum=("accepted", "refused", "done", "failed"))),
         Field("reason", Nullable(TEXT)),
         Field("detail", OPEN_OBJECT),
+    )),
+    "alert": Struct((
+        Field("alert_id", ALERT_ID),
+        Field("rule", ID),
+        Field("kind", Str(enum=ALERT_KINDS)),
+        Field("severity", Str(enum=ALERT_SEVERITIES)),
+        Field("state", Str(enum=("firing", "resolved"))),
+        Field("device", ID),
+        Field("value", Nullable(Int())),
+        Field("since_ms", NON_NEG),
+        Field("message", TEXT),
     )),
 }
 

@@ -9,7 +9,7 @@ Tree (contract version 1, see docs/mqtt-contract.md)::
     hall/{hall}/kiosk/{device}/ticket/ack     hall  -> kiosk  QoS 1 (ticket consumer)
     hall/{hall}/kiosk/{device}/cmd            hall  -> kiosk  QoS 1 (ops)
     hall/{hall}/kiosk/{device}/cmd/result     kiosk -> hall   QoS 1
-    hall/{hall}/ops/alert                     hall-side ops (no v1 schema yet)
+    hall/{hall}/kiosk/{device}/alert          ops monitor -> hall  QoS 1 (an alert about the kiosk)
 
 Ids are restricted so that an id can never act as an MQTT wildcard (``+``, ``#``), split a
 level (``/``), land in the broker's ``$SYS``/``$share`` space (``$``) or break a Mosquitto
@@ -32,7 +32,8 @@ ID_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,31}")
 ID_MAX_LEN: Final = 32
 
 #: The kinds of message topics under one kiosk, in tree order.
-KINDS: Final = ("state", "telemetry", "event", "ticket", "ticket_ack", "cmd", "cmd_result")
+KINDS: Final = ("state", "telemetry", "event", "ticket", "ticket_ack", "cmd", "cmd_result",
+                 "alert")
 
 #: Topic levels after ``hall/{hall}/kiosk/{device}/`` for each kind.
 SUFFIX_FOR_KIND: Final = {
@@ -43,6 +44,7 @@ SUFFIX_FOR_KIND: Final = {
     "ticket_ack": "ticket/ack",
     "cmd": "cmd",
     "cmd_result": "cmd/result",
+    "alert": "alert",
 }
 _KIND_FOR_SUFFIX: Final = {suffix: kind for kind, suffix in SUFFIX_FOR_KIND.items()}
 
@@ -51,6 +53,9 @@ MESSAGE_TYPE_FOR_KIND: Final = {kind: kind for kind in KINDS}
 
 #: Kinds the kiosk itself publishes: the envelope sender must be the topic's device.
 KIOSK_KINDS: Final = frozenset({"state", "telemetry", "event", "ticket", "cmd_result"})
+#: Kinds the hall sends TO a kiosk (what a kiosk subscribes to and may read). Alerts are
+#: about a kiosk but for ops: the kiosk has no business reading them.
+TO_KIOSK_KINDS: Final = ("ticket_ack", "cmd")
 
 #: Key role a receiver should require (``verify(..., require_role=...)``) for each kind.
 ROLE_FOR_KIND: Final = {
@@ -61,6 +66,7 @@ ROLE_FOR_KIND: Final = {
     "cmd_result": "kiosk",
     "ticket_ack": "consumer",
     "cmd": "ops",
+    "alert": "monitor",
 }
 
 
@@ -81,6 +87,7 @@ DELIVERY: Final = {
     "ticket_ack": Delivery(1, False, "consumer"),
     "cmd": Delivery(1, False, "ops"),
     "cmd_result": Delivery(1, False, "kiosk"),
+    "alert": Delivery(1, False, "monitor"),
 }
 
 
@@ -165,6 +172,10 @@ class KioskTopics:
     def cmd_result(self) -> str:
         return self.topic("cmd_result")
 
+    @property
+    def alert(self) -> str:
+        return self.topic("alert")
+
 
 @dataclass(frozen=True, slots=True)
 class HallTopics:
@@ -211,7 +222,7 @@ class HallTopics:
 
     @property
     def alerts(self) -> str:
-        return f"hall/{self.hall}/ops/alert"
+        return self.all_of("alert")
 
     @staticmethod
     def shared(group: str, filter: str) -> str:  # noqa: A002 - name fixed by the contract API

@@ -14,8 +14,9 @@ A rule is data (from ops.toml, see ops.config): a ``kind`` and its figures. Two 
 Wiring (ops.monitor): every Change list from ``Fleet.apply/reject/tick`` goes to
 ``AlertEngine.observe``; about once a second ``AlertEngine.evaluate(fleet.snapshot())``
 returns the transitions, each handed to ``AlertSink.emit``. The sink logs every transition
-and, when given a ``publish`` function, sends ``alert.body()`` to ``hall/{h}/ops/alert``.
-The contract has no message type for that topic yet, so by default nothing is published.
+and, when given a ``publish`` function, hands it ``alert.body()`` (the contract's ``alert``
+body) for the kiosk's ``hall/{h}/kiosk/{d}/alert`` topic; the monitor signs and publishes it
+there with its own key (role ``monitor``, docs/mqtt-contract.md).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import Any, Final
 
 from edge.clock import SYSTEM_CLOCK, Clock
 from hallkiosk.errors import ConfigError
-from mqtt_topics.topics import HallTopics
+from hallkiosk.errors import ContractError
+from mqtt_topics.schemas import ALERT_KINDS, ALERT_SEVERITIES, MAX_STR
+from mqtt_topics.topics import KioskTopics, validate_id
 from ops.fleet import Change, KioskSnapshot
 
 log = logging.getLogger("hallkiosk.ops.alerts")
@@ -38,7 +41,8 @@ CONDITION_KINDS: Final = ("offline", "paper", "temperature", "outbox_backlog", "
 COUNT_KINDS: Final = {"gaps": "lost", "bad_signature": "bad_signature", "replay": "replay",
                       "malformed": "malformed"}
 KINDS: Final = CONDITION_KINDS + tuple(COUNT_KINDS)
-SEVERITIES: Final = ("info", "warning", "critical")
+SEVERITIES: Final = ALERT_SEVERITIES
+assert set(KINDS) == set(ALERT_KINDS), "ops.alerts and the contract's alert kinds drifted"
 #: Count events remembered per kiosk and kind (a flood must not grow memory).
 MAX_COUNT_EVENTS: Final = 4096
 
@@ -63,6 +67,10 @@ class AlertRule:
     level: str = "out"
 
     def __post_init__(self) -> None:
+        try:
+            validate_id("alert rule name", self.name)
+        except ContractError as exc:
+            raise ConfigError(str(exc)) from None
         if self.kind not in KINDS:
             raise ConfigError(f"alert rule {self.name!r}: unknown kind {self.kind!r} "
                               f"(one of {', '.join(KINDS)})")
@@ -112,11 +120,17 @@ class Alert:
     since_ms: int
     message: str
 
+    @property
+    def topic(self) -> str:
+        """Where the alert is published: the alert topic of the kiosk it is about."""
+        return KioskTopics(self.hall, self.device).alert
+
     def body(self) -> dict[str, Any]:
-        """The alert as a flat JSON object (the proposed contract ``alert`` body)."""
+        """The contract's ``alert`` body (message cut to the contract's text limit)."""
+        message = self.message if len(self.message) <= MAX_STR else self.message[:MAX_STR - 3] + "..."
         return {"alert_id": self.alert_id, "rule": self.rule, "kind": self.kind,
                 "severity": self.severity, "state": self.state, "device": self.device,
-                "value": self.value, "since_ms": self.since_ms, "message": self.message}
+                "value": self.value, "since_ms": self.since_ms, "message": message}
 
 
 class AlertEngine:
@@ -178,7 +192,7 @@ class AlertEngine:
                 held = max(now - start, held_s or 0.0)
                 if key in self._firing or held < rule.after_s:
                     continue
-                since_ms = int((wall - held) * 1000)
+                since_ms = max(0, int((wall - held) * 1000))
                 alert = Alert(f"{rule.name}:{k.hall}:{k.device}:{since_ms // 1000}", rule.name,
                               rule.kind, rule.severity, "firing", k.hall, k.device, value,
                               since_ms, message)
@@ -226,7 +240,7 @@ def _resolved(alert: Alert, value: int | None) -> Alert:
 class AlertSink:
     """Where alert transitions go: the log always, ``publish(topic, body)`` when given.
 
-    ``publish`` is called with ``HallTopics(hall).alerts`` and ``Alert.body()``; it must not
+    ``publish`` is called with ``Alert.topic`` and ``Alert.body()``; it must not
     block for long (the monitor calls it from its tick thread), and if it raises the failure
     is logged and the alert still counts as emitted. ``history`` keeps the latest alerts.
     """
@@ -250,7 +264,7 @@ class AlertSink:
         if self.publish is None:
             return
         try:
-            self.publish(HallTopics(alert.hall).alerts, alert.body())
+            self.publish(alert.topic, alert.body())
         except Exception:  # an alert channel down must not stop the monitor
             self.log.warning("alert %s not published", alert.alert_id, exc_info=True)
 

@@ -112,9 +112,16 @@ def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = 
     from ops.config import load_trust
     from ops.consumer import TicketConsumer
     from ops.fleet import Fleet
-    from ops.monitor import Monitor
+    from ops.monitor import Monitor, alert_signer
 
     inv = load_trust(cfg.trust)
+    signer = None
+    if cfg.alert_key is not None:
+        signer = alert_signer(load_private_key(cfg.alert_key), cfg.instance)
+    else:
+        logging.getLogger("hallkiosk.ops").warning(
+            "alerts go to the log only: no key to sign them ([ops] alert_key or [broker] "
+            "tls_key_file), or [ops] publish_alerts = false")
     consumers = []
     if with_ledger and cfg.ledger.enabled and cfg.ledger.key is not None:
         key = load_private_key(cfg.ledger.key)
@@ -134,7 +141,8 @@ def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = 
                    sink=AlertSink(), consumers=consumers, expected=inv.kiosks,
                    tick_s=tick_s or cfg.tick_s, keepalive_s=cfg.broker.keepalive_s,
                    reconnect_min_s=cfg.broker.reconnect_min_s,
-                   reconnect_max_s=cfg.broker.reconnect_max_s, tls=_tls(cfg.broker.tls))
+                   reconnect_max_s=cfg.broker.reconnect_max_s, tls=_tls(cfg.broker.tls),
+                   alert_signer=signer)
 
 
 def _tls(files: Any) -> Any:

@@ -16,6 +16,10 @@ Layout (every section optional except ``[ops]``)::
                                        # of that group (gap detection is then off)
     workers = 2                        # verify threads (Ed25519 verify releases the GIL)
     tick_s = 1.0                       # heartbeat, gap and alert evaluation period
+    publish_alerts = true              # sign alerts and publish them on hall/{h}/kiosk/{d}/alert
+    alert_key = "ops-1.key"            # the key they are signed with (certificate role
+                                       # "monitor", CN = instance); default: [broker]
+                                       # tls_key_file. Without either, alerts go to the log only
 
     [broker]                           # host, port, keepalive_s, reconnect_min_s, reconnect_max_s
     tls_ca_file = "hall-chain.pem"     # optional mTLS (all three, or none): the monitor's own
@@ -161,6 +165,8 @@ class OpsConfig:
     metrics: MetricsSettings
     refresh_s: float
     alerts: tuple[AlertRule, ...]
+    #: The key alerts are signed with (None: alerts are logged, not published).
+    alert_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +365,7 @@ def parse_ops_config(data: dict, *, source: str, base_dir: Path) -> OpsConfig:
     p = _Problems(source, Path(base_dir))
     top = _Table(p, "", data, _TOP)
     ops = top.table("ops", ("instance", "halls", "state_dir", "share_group", "workers",
-                            "tick_s"), required=True)
+                            "tick_s", "publish_alerts", "alert_key"), required=True)
     instance = ops.ident("instance")
     halls = _halls(ops)
     state_dir = ops.file("state_dir", Path("/var/lib/hallkiosk-ops"))
@@ -409,11 +415,17 @@ def parse_ops_config(data: dict, *, source: str, base_dir: Path) -> OpsConfig:
                               m.integer("port", 9478, 0, 65535) or 0)
     refresh_s = top.table("dashboard", ("refresh_s",)).seconds("refresh_s", 1.0, 0.1, 60)
     alerts = _alerts(top, p)
+    publish_alerts = ops.boolean("publish_alerts", True)
+    alert_key = ops.file("alert_key", None)
+    if not publish_alerts:
+        alert_key = None
+    elif alert_key is None and broker.tls is not None:
+        alert_key = broker.tls.key_file      # the monitor's certificate key signs its alerts
     p.raise_if_any()
     return OpsConfig(source=Path(source), instance=instance, halls=halls, state_dir=state_dir,
                      share_group=share_group or None, workers=workers, tick_s=tick_s,
                      broker=broker, trust=trust, ledger=ledger, fleet=fleet,
-                     metrics=metrics, refresh_s=refresh_s, alerts=alerts)
+                     metrics=metrics, refresh_s=refresh_s, alerts=alerts, alert_key=alert_key)
 
 
 def _tls(t: _Table, ca_file: Path | None) -> TlsFiles | None:

@@ -8,7 +8,9 @@ Threads and who owns what:
   two workers overlap one message's signature check with the next one's JSON work) and
   fold the result into the Fleet under ``self.lock``;
 - one tick thread, every ``tick_s``: heartbeats, gaps confirmed lost, alert evaluation;
-  alerts are emitted outside the lock.
+  alerts are emitted outside the lock. With an ``alert_signer`` (the monitor's own key, role
+  ``monitor``) each alert transition is also sealed and published QoS 1 on the kiosk's
+  ``.../alert`` topic; while the link is down they wait (bounded) and go out on reconnect.
 
 Subscriptions, per hall: ``hall/{h}/kiosk/+/state`` always as a plain subscription (retained
 states are never sent to shared subscriptions, and every instance needs every kiosk's
@@ -27,15 +29,17 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge.clock import SYSTEM_CLOCK, Clock
-from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, TlsSettings
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, TlsSettings
 from hallkiosk.errors import ContractError, HallkioskError
-from mqtt_topics.envelope import Keyring, SequenceTracker, Verified, verify
+from mqtt_topics.envelope import Keyring, SequenceTracker, Signer, Verified, verify
 from mqtt_topics.topics import ROLE_FOR_KIND, HallTopics, parse_topic
 from ops.alerts import Alert, AlertEngine, AlertSink
 from ops.fleet import Change, Fleet, KioskSnapshot, Rejection
@@ -50,8 +54,35 @@ _LOGGED = {"status": logging.INFO, "fault": logging.WARNING, "recovered": loggin
            "replay": logging.INFO, "malformed": logging.WARNING}
 
 
+#: Sealed alerts kept while the link is down (oldest dropped beyond this, with a log line).
+MAX_PENDING_ALERTS = 1000
+
+
 class MonitorError(HallkioskError, RuntimeError):
     """The monitor was wired wrongly (no hall, no worker)."""
+
+
+class WallSequence:
+    """Sequence numbers for a sender without durable state (a monitor instance): the first is
+    the wall clock in microseconds, then +1 each, so a restarted instance starts above every
+    number it used before (unless its clock was stepped back by more than it had published;
+    receivers of alerts dedupe on ``alert_id`` in any case). Thread-safe."""
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, int(self._clock.wall() * 1_000_000))
+            return self._last
+
+
+def alert_signer(key: Any, instance: str, clock: Clock = SYSTEM_CLOCK) -> Signer:
+    """The Signer a monitor instance seals its alerts with (``instance`` = its certificate CN)."""
+    return Signer(key, sender=instance, boot_id=secrets.token_hex(16),
+                  next_seq=WallSequence(clock), clock=clock)
 
 
 @dataclass
@@ -89,6 +120,8 @@ class Monitor:
     ``instance`` must be unique among the monitors on one broker (it is the MQTT client id;
     with mTLS the broker uses the certificate's CN instead, so each instance needs its own).
     ``link_factory`` builds the MQTT link (tests and the benchmark may pass their own).
+    ``alert_signer`` (see ``alert_signer()``): when given and ``sink`` has no publisher of its
+    own, alerts are signed and published on the contract's alert topics.
     """
 
     def __init__(self, *, halls: Sequence[str], keyring: Keyring, host: str = "127.0.0.1",
@@ -98,7 +131,7 @@ class Monitor:
                  expected: Iterable[tuple[str, str]] = (), clock: Clock = SYSTEM_CLOCK,
                  tick_s: float = 1.0, keepalive_s: int = 30, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, session_expiry_s: int = 600,
-                 tls: TlsSettings | None = None,
+                 tls: TlsSettings | None = None, alert_signer: Signer | None = None,
                  link_factory: Callable[..., Any] = MqttLink) -> None:
         if not halls:
             raise MonitorError("a monitor needs at least one hall")
@@ -113,6 +146,11 @@ class Monitor:
                                                            track_gaps=share_group is None)
         self.alerts = alerts if alerts is not None else AlertEngine(clock=clock)
         self.sink = sink if sink is not None else AlertSink()
+        self.alert_signer = alert_signer
+        self._unsent_alerts: deque[tuple[str, bytes]] = deque()
+        self._alert_lock = threading.Lock()
+        if alert_signer is not None and self.sink.publish is None:
+            self.sink.publish = self._publish_alert
         self.consumers = tuple(consumers)
         self.tracker = SequenceTracker()
         self.stats = MonitorStats()
@@ -181,6 +219,10 @@ class Monitor:
         elif isinstance(ev, LinkUp):
             self.stats.connected = True
             self._connected.set()
+            if self._unsent_alerts:
+                # Not from the link thread: publish() waits on it.
+                threading.Thread(target=self._flush_alerts, name="alert-flush",
+                                 daemon=True).start()
             log.info("monitor connected (halls %s, share group %s)", ",".join(self.halls),
                      self.share_group or "none")
         elif isinstance(ev, LinkDown):
@@ -255,6 +297,34 @@ class Monitor:
         self.sink.emit_all(fired)
         return fired
 
+    # -- alerts on the wire -------------------------------------------------------------------
+    def _publish_alert(self, topic: str, body: dict[str, Any]) -> None:
+        """Seal once, send QoS 1; while the link is down keep the sealed payload for later."""
+        assert self.alert_signer is not None
+        payload = self.alert_signer.seal(topic, "alert", dict(body))
+        with self._alert_lock:
+            self._unsent_alerts.append((topic, payload))
+            if len(self._unsent_alerts) > MAX_PENDING_ALERTS:
+                dropped, _ = self._unsent_alerts.popleft()
+                log.warning("alert queue full: the oldest unsent alert (%s) is dropped", dropped)
+        self._flush_alerts()
+
+    def _flush_alerts(self) -> None:
+        with self._alert_lock:
+            while self._unsent_alerts:
+                topic, payload = self._unsent_alerts[0]
+                try:
+                    self.link.publish(topic, payload, qos=1)
+                except NotConnected:
+                    log.info("%d alert(s) wait for the broker", len(self._unsent_alerts))
+                    return
+                self._unsent_alerts.popleft()
+
+    @property
+    def unsent_alerts(self) -> int:
+        with self._alert_lock:
+            return len(self._unsent_alerts)
+
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             try:
@@ -281,4 +351,5 @@ class Monitor:
                     "unattributed": dict(self.fleet.unattributed)}
 
 
-__all__ = ["Monitor", "MonitorError", "MonitorStats", "WATCHED_KINDS", "subscriptions"]
+__all__ = ["Monitor", "MonitorError", "MonitorStats", "WATCHED_KINDS", "WallSequence",
+           "alert_signer", "subscriptions"]

@@ -31,18 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from mqtt_topics.topics import DELIVERY, KINDS, SUFFIX_FOR_KIND
+from mqtt_topics.topics import DELIVERY, KINDS, SUFFIX_FOR_KIND, TO_KIOSK_KINDS
 
 from .ca import HallCA, check_id, write_public_file
 from .errors import ProvisioningError
 from .inventory import Inventory
 
 #: Contract publisher names (topics.DELIVERY) to certificate roles (ca.ROLES).
-PUBLISHER_ROLE: Final = {"kiosk": "kiosk", "consumer": "consumer", "ops": "ops"}
+PUBLISHER_ROLE: Final = {"kiosk": "kiosk", "consumer": "consumer", "ops": "ops",
+                         "monitor": "monitor"}
 #: What each service role reads, by topic kind (what it writes comes from DELIVERY).
 SERVICE_READS: Final = {
     "consumer": ("ticket",),
-    "ops": ("state", "telemetry", "event", "cmd_result"),
+    "ops": ("state", "telemetry", "event", "cmd_result", "alert"),
     "monitor": KINDS,
 }
 SERVICE_ROLES: Final = tuple(SERVICE_READS)
@@ -62,9 +63,8 @@ def render_acl(hall: str, services: Iterable[tuple[str, str]] = ()) -> str:
     kiosk_writes = _kinds_written_by("kiosk")
     for kind in kiosk_writes:
         lines.append(f"pattern write {base}/%u/{SUFFIX_FOR_KIND[kind]}")
-    for kind in KINDS:
-        if kind not in kiosk_writes:
-            lines.append(f"pattern read {base}/%u/{SUFFIX_FOR_KIND[kind]}")
+    for kind in TO_KIOSK_KINDS:
+        lines.append(f"pattern read {base}/%u/{SUFFIX_FOR_KIND[kind]}")
     for ident, role in services:
         check_id("service", ident)
         if role not in SERVICE_READS:

@@ -51,8 +51,9 @@ from .errors import ProvisioningError
 #: consumer: the ticket consumer (acks tickets); booking: the booking service's signing key;
 #: monitor: read-only dashboards and audits; broker: the hall broker's server certificate.
 ROLES: Final = ("kiosk", "ops", "consumer", "booking", "monitor", "broker")
-#: Roles whose key signs envelopes (go into keyrings); broker and monitor never sign.
-SIGNING_ROLES: Final = ("kiosk", "ops", "consumer", "booking")
+#: Roles whose key signs envelopes (go into keyrings); the broker never signs. A monitor signs
+#: only the alerts it publishes (contract kind ``alert``).
+SIGNING_ROLES: Final = ("kiosk", "ops", "consumer", "booking", "monitor")
 
 #: Default validity per role, in days. Kiosks renew yearly; ops certificates are short so a
 #: lost laptop stops mattering soon even if nobody revokes it.

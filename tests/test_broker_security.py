@@ -206,10 +206,11 @@ def test_kiosk_cannot_publish_on_another_kiosks_topics(secure):
     for kind in KINDS:
         assert k1.publish(theirs.topic(kind)) == NOT_AUTHORIZED, kind
     for kind in KINDS:
-        expected_ok = kind in KIOSK_KINDS        # not its own ticket/ack nor its own cmd
+        expected_ok = kind in KIOSK_KINDS        # not its own ticket/ack, cmd nor alert
         code = k1.publish(mine.topic(kind))
         assert (code < 0x80) == expected_ok, (kind, hex(code))
     assert k1.publish(f"hall/{HALL}/ops/alert") == NOT_AUTHORIZED
+    assert k1.publish(mine.alert) == NOT_AUTHORIZED      # nobody but a monitor raises alerts
     assert k1.publish("$SYS/broker/x") == NOT_AUTHORIZED
     ops = secure.peer("ops", client_id="ops")
     assert ops.connect()

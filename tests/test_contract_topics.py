@@ -57,7 +57,7 @@ def test_hall_filters_and_shared_subscription():
     assert h.all_tickets == "hall/hall-01/kiosk/+/ticket"
     assert h.all_ticket_acks == "hall/hall-01/kiosk/+/ticket/ack"
     assert h.all_cmd_results == "hall/hall-01/kiosk/+/cmd/result"
-    assert h.alerts == "hall/hall-01/ops/alert"
+    assert h.alerts == "hall/hall-01/kiosk/+/alert"
     assert h.shared("consumers", h.all_tickets) == "$share/consumers/hall/hall-01/kiosk/+/ticket"
     assert h.kiosk("kiosk-07") == KioskTopics("hall-01", "kiosk-07")
 
@@ -168,13 +168,14 @@ def test_kind_tables_cover_every_kind():
     assert DELIVERY["telemetry"].qos == 0
     assert not any(d.retain for k, d in DELIVERY.items() if k != "state")
     assert ROLE_FOR_KIND["ticket_ack"] == "consumer"
+    assert (ROLE_FOR_KIND["alert"], DELIVERY["alert"].publisher) == ("monitor", "monitor")
 
 
 def test_unknown_kind_is_refused():
     with pytest.raises(ContractError, match="unknown topic kind"):
         KioskTopics("h", "d").topic("tickets")
     with pytest.raises(ContractError, match="unknown topic kind"):
-        HallTopics("h").all_of("alert")
+        HallTopics("h").all_of("alerts")
 
 
 def test_spec_names_every_schema_field():

@@ -471,7 +471,7 @@ def test_alert_sink_logs_and_publishes_and_survives_a_failing_publisher(caplog):
     with caplog.at_level(logging.INFO, logger="hallkiosk.ops.alerts"):
         sink.emit_all(engine.evaluate(h.fleet.snapshot()))
     topic, body = published[0]
-    assert topic == f"hall/{HALL}/ops/alert"
+    assert topic == f"hall/{HALL}/kiosk/k1/alert"
     assert body["rule"] == "off" and body["state"] == "firing" and body["device"] == "k1"
     assert any("alert off firing" in r.getMessage() and r.levelno == logging.ERROR
                for r in caplog.records)

@@ -21,18 +21,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from prometheus_client.parser import text_string_to_metric_families
 
+from hallkiosk.errors import ContractError
 from edge.keys import generate_private_key, public_b64
 from edge.mqtt import LinkMessage, MqttLink
 from edge.telemetry import TelemetryBuilder, link_health
 from emulator.idcard import Card
 from mqtt_topics.envelope import Signer, key_id, verify
 from mqtt_topics.topics import HallTopics, KioskTopics
-from ops.alerts import AlertEngine, AlertRule, AlertSink
+from ops.alerts import Alert, AlertEngine, AlertRule, AlertSink
 from ops.consumer import TicketConsumer
 from ops.dashboard import render
 from ops.fleet import Fleet
 from ops.metrics import MetricsServer, monitor_view
-from ops.monitor import Monitor, subscriptions
+from ops.monitor import Monitor, alert_signer, subscriptions
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -76,6 +77,8 @@ def start_monitor(hall, *, published=None, instance: str = "ops-mon", **kw) -> M
     enroll_services(hall, (instance, "monitor"))
     fleet = Fleet(heartbeat_timeout_s=None, gap_grace_s=kw.pop("gap_grace_s", 0.3),
                   track_gaps=kw.get("share_group") is None)
+    if kw.pop("sign_alerts", False):
+        kw["alert_signer"] = alert_signer(service_key(hall, instance, "monitor"), instance)
     sink = AlertSink(None if published is None else
                      (lambda topic, body: published.append((topic, body))))
     mon = Monitor(halls=[hall.hall_id], keyring=hall.keyring, port=hall.broker.port,
@@ -162,7 +165,7 @@ def test_offline_detected_when_a_kiosk_is_killed(hall):
         wait_for(lambda: [b for _, b in published if b["rule"] == "kiosk_offline"],
                  timeout_s=5, what="offline alert")
         topic, body = published[0]
-        assert topic == HallTopics(hall.hall_id).alerts
+        assert topic == KioskTopics(hall.hall_id, "k2").alert
         assert (body["device"], body["state"], body["severity"]) == ("k2", "firing", "critical")
         # The will's seq and the births' seqs are not counted as lost messages.
         assert all(k.lost == 0 for k in mon.snapshot())
@@ -223,6 +226,62 @@ def test_a_bad_signature_raises_an_alert(hall, caplog):
         assert any("alert bad_signature firing" in r.getMessage() for r in caplog.records)
     finally:
         wire.close()
+        mon.stop()
+
+
+def test_alerts_are_signed_and_published_on_the_kiosks_alert_topic(hall):
+    """The monitor seals each alert transition with its own key (role monitor) and publishes
+    it on hall/{h}/kiosk/{d}/alert, where ops (and only hall services) can read it. An alert
+    raised while the broker is down waits and goes out when the link is back."""
+    mon = start_monitor(hall, sign_alerts=True)
+    enroll_services(hall, ("ops", "ops"))
+    got: list = []
+    follower = MqttLink(client_id="ops", host="127.0.0.1", port=hall.broker.port,
+                        sink=lambda ev: got.append(ev) if isinstance(ev, LinkMessage) else None,
+                        subscriptions=((HallTopics(hall.hall_id).alerts, 1),),
+                        reconnect_min_s=0.1, reconnect_max_s=0.5, tls=tls(hall, "ops"))
+    follower.start()
+    kiosk = hall.add_kiosk("k9")
+    wire = Wire(hall, kiosk)
+    try:
+        assert follower.wait_connected(10) and mon.wait_connected(10)
+        wire.publish(*wire.event("hello"))
+        wait_for(lambda: status_of(mon, hall, "k9") == "online", what="k9 seen")
+        intruder = Signer(Ed25519PrivateKey.generate(), sender="k9",
+                          boot_id=secrets.token_hex(16), next_seq=lambda: 10)
+        wire.publish(wire.topics.event, intruder.seal(wire.topics.event, "event", {
+            "name": "door_open", "severity": "info", "subject": None, "detail": {}}))
+        wait_for(lambda: got, what="alert on the wire")
+        msg = got[0]
+        assert msg.topic == KioskTopics(hall.hall_id, "k9").alert
+        v = verify(msg.payload, msg.topic, hall.keyring, expect_type="alert",
+                   require_role="monitor")
+        assert v.sender == "ops-mon"
+        assert (v.body["rule"], v.body["state"], v.body["device"], v.body["kind"]) == (
+            "bad_signature", "firing", "k9", "bad_signature")
+        # A kiosk's key cannot pass for the monitor's, and an alert is bound to its kiosk.
+        with pytest.raises(ContractError):
+            verify(msg.payload, KioskTopics(hall.hall_id, "k1").alert, hall.keyring)
+        with pytest.raises(ContractError, match="lacks role"):
+            verify(Signer(kiosk.key, sender="k9", boot_id="0" * 32, next_seq=lambda: 1).seal(
+                msg.topic, "alert", v.body), msg.topic, hall.keyring, require_role="monitor")
+
+        # Broker down: the alert is sealed and kept, then sent once the monitor is back.
+        hall.broker.stop()
+        wait_for(lambda: not mon.stats_copy()["connected"], what="monitor sees the broker gone")
+        mon.sink.emit(Alert("manual:x:k9:1", "manual", "fault", "warning", "firing",
+                            hall.hall_id, "k9", 1, 1000, "test alert while offline"))
+        assert mon.unsent_alerts == 1
+        hall.broker.start()
+        wait_for(lambda: [m for m in got if b"manual:x:k9:1" in m.payload], timeout_s=20,
+                 what="the alert raised while offline")
+        assert mon.unsent_alerts == 0
+        late = [m for m in got if b"manual:x:k9:1" in m.payload][0]
+        assert verify(late.payload, late.topic, hall.keyring,
+                      require_role="monitor").body["message"] == "test alert while offline"
+    finally:
+        wire.close()
+        follower.stop()
         mon.stop()
 
 

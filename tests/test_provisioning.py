@@ -303,8 +303,10 @@ def test_keyring_from_certs_roles_and_rejections(ca, tmp_path, clock):
                               ca.crl_path, clock=clock,
                               on_reject=lambda c, why: rejected.append(why))
     owners = {ring.get(kid).owner: ring.get(kid).roles for kid in ring}
-    assert owners == {"k07": {"kiosk"}, "ledger": {"consumer"}, "ops-1": {"ops"}}
-    assert len(rejected) == 2 and any("not signed" in r for r in rejected)
+    # A monitor signs its alerts, so it is trusted too (for role monitor only).
+    assert owners == {"k07": {"kiosk"}, "ledger": {"consumer"}, "ops-1": {"ops"},
+                      "auditor": {"monitor"}}
+    assert len(rejected) == 1 and "not signed" in rejected[0]
     expired = keyring_from_certs(ca.chain_path, [kiosk_cert], ca.crl_path,
                                  clock=ManualClock(start_wall=clock.wall() + 400 * 86400),
                                  on_reject=lambda c, why: rejected.append(why))
@@ -320,15 +322,18 @@ def test_broker_acl_is_derived_from_the_contract():
     base = f"hall/{HALL}/kiosk"
     writes = {f"pattern write {base}/%u/{s}" for s in
               ("state", "telemetry", "event", "ticket", "cmd/result")}
-    reads = {f"pattern read {base}/%u/{s}" for s in ("ticket/ack", "cmd")}
+    reads = {f"pattern read {base}/%u/{s}" for s in ("ticket/ack", "cmd")}   # not alert
     assert writes | reads == {ln for ln in lines if ln.startswith("pattern")}
     ops = lines[lines.index("user ops-1") + 1:]
     assert ops[0] == f"topic write {base}/+/cmd"
-    assert f"topic read {base}/+/ticket" not in ops[:5]
+    assert f"topic read {base}/+/ticket" not in ops[:7]
+    assert f"topic read {base}/+/alert" in ops[:7]            # ops follow the alerts
     auditor = lines[lines.index("user auditor") + 1:]
-    assert len(auditor) == len(KINDS) and all(x.startswith("topic read") for x in auditor)
+    # A monitor reads everything and writes only alerts.
+    assert auditor[0] == f"topic write {base}/+/alert"
+    assert len(auditor) == len(KINDS) + 1 and all(x.startswith("topic read") for x in auditor[1:])
     assert not any(" write " in x and "%u" not in x and "cmd" not in x and "ack" not in x
-                   for x in lines)
+                   and not x.endswith("/alert") for x in lines)
     with pytest.raises(ProvisioningError):
         render_acl(HALL, [("ops 1", "ops")])
     with pytest.raises(ProvisioningError):
