@@ -117,7 +117,20 @@ def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = 
     inv = load_trust(cfg.trust)
     signer = None
     if cfg.alert_key is not None:
-        signer = alert_signer(load_private_key(cfg.alert_key), cfg.instance)
+        # Receivers check that the key's owner (its certificate's CN) is the sender.
+        sender = cfg.instance
+        if cfg.broker.tls is not None and cfg.alert_key == cfg.broker.tls.key_file:
+            from cryptography import x509
+
+            from provisioning.trust import subject_fields
+
+            cert = x509.load_pem_x509_certificate(cfg.broker.tls.cert_file.read_bytes())
+            sender, role, _ = subject_fields(cert)
+            if role != "monitor":
+                logging.getLogger("hallkiosk.ops").warning(
+                    "the monitor's certificate has role %r, not 'monitor': receivers will "
+                    "refuse its alerts", role)
+        signer = alert_signer(load_private_key(cfg.alert_key), sender)
     else:
         logging.getLogger("hallkiosk.ops").warning(
             "alerts go to the log only: no key to sign them ([ops] alert_key or [broker] "

@@ -455,3 +455,84 @@ def test_subscriptions_keep_state_unshared():
     assert all(not f.startswith("$share/") for f in subs if f.endswith("/state"))
     assert dict(subscriptions(["h1", "h2"])).keys() >= {"hall/h2/kiosk/+/ticket",
                                                         "hall/h1/kiosk/+/cmd/result"}
+
+
+def test_ops_toml_builds_a_monitor_that_signs_alerts_as_its_certificate(hall, tmp_path):
+    """`hallkiosk ops run` wiring: with mTLS and no [ops] alert_key, the monitor signs its
+    alerts with its certificate's key as the certificate's CN (what receivers check)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ops.cli import build_monitor
+    from ops.config import load_ops_config
+
+    enroll_services(hall, ("mon-7", "monitor"), ("ops", "ops"))
+    kiosk = hall.add_kiosk("k10")
+    pki = hall.pki
+    certs = tmp_path / "certs.pem"
+    certs.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in pki.certs()))
+    me = pki["mon-7"]
+    (tmp_path / "ops.toml").write_text(f"""
+[ops]
+instance = "ops-cli"
+halls = ["{hall.hall_id}"]
+state_dir = "{tmp_path / 'state'}"
+tick_s = 0.1
+[broker]
+port = {hall.broker.port}
+reconnect_min_s = 0.1
+tls_ca_file = "{pki.chain_file}"
+tls_cert_file = "{me.cert_path}"
+tls_key_file = "{me.key_path}"
+[keys]
+ca_chain = "{pki.chain_file}"
+certs = ["{certs}"]
+crl = "{pki.crl_file}"
+[ledger]
+enabled = false
+[metrics]
+enabled = false
+""")
+    cfg = load_ops_config(tmp_path / "ops.toml")
+    assert cfg.alert_key == me.key_path
+    mon = build_monitor(cfg, with_ledger=False)
+    assert mon.alert_signer is not None and mon.alert_signer.sender == "mon-7"   # not ops-cli
+    got: list = []
+    follower = MqttLink(client_id="ops", host="127.0.0.1", port=hall.broker.port,
+                        sink=lambda ev: got.append(ev) if isinstance(ev, LinkMessage) else None,
+                        subscriptions=((HallTopics(hall.hall_id).alerts, 1),), tls=tls(hall, "ops"))
+    mon.start()
+    follower.start()
+    wire = Wire(hall, kiosk)
+    try:
+        assert mon.wait_connected(10) and follower.wait_connected(10)
+        wire.publish(*wire.event("hello"))
+        intruder = Signer(Ed25519PrivateKey.generate(), sender="k10",
+                          boot_id=secrets.token_hex(16), next_seq=lambda: 10)
+        wire.publish(wire.topics.event, intruder.seal(wire.topics.event, "event", {
+            "name": "x", "severity": "info", "subject": None, "detail": {}}))
+        wait_for(lambda: got, what="alert from the configured monitor")
+        ring = pki.keyring()                               # every signing role, CRL applied
+        v = verify(got[0].payload, got[0].topic, ring, require_role="monitor")
+        assert (v.sender, v.body["rule"], v.body["device"]) == ("mon-7", "bad_signature", "k10")
+    finally:
+        wire.close()
+        follower.stop()
+        mon.stop()
+
+
+def test_ops_toml_without_a_key_logs_alerts_only(tmp_path):
+    from ops.config import parse_ops_config
+
+    cfg = parse_ops_config({"ops": {"instance": "o", "halls": ["h"]},
+                            "keys": {"inventory": "inv.toml"}, "ledger": {"enabled": False}}, source="ops.toml",
+                           base_dir=tmp_path)
+    assert cfg.alert_key is None
+    cfg = parse_ops_config({"ops": {"instance": "o", "halls": ["h"], "alert_key": "a.key"},
+                            "keys": {"inventory": "inv.toml"}, "ledger": {"enabled": False}}, source="ops.toml",
+                           base_dir=tmp_path)
+    assert cfg.alert_key == tmp_path / "a.key"
+    cfg = parse_ops_config({"ops": {"instance": "o", "halls": ["h"], "alert_key": "a.key",
+                                    "publish_alerts": False},
+                            "keys": {"inventory": "inv.toml"}, "ledger": {"enabled": False}}, source="ops.toml",
+                           base_dir=tmp_path)
+    assert cfg.alert_key is None
