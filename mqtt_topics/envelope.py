@@ -100,12 +100,19 @@ def _check_json(value: Any, path: str, depth: int) -> None:
 def canonical_json(value: Any) -> bytes:
     """Canonical UTF-8 JSON of ``value`` (see the module docstring); ContractError if impossible."""
     _check_json(value, "value", 0)
-    # Python's encoder with these options is exactly the canonical form once _check_json
-    # has excluded floats, big ints, non-str keys and surrogates: sort_keys orders str by
-    # code point, and ensure_ascii=False escapes only '"', '\\' and U+0000-U+001F.
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"),
-                      allow_nan=False)
-    return text.encode("utf-8")
+    return _canonical_checked(value)
+
+
+# Python's encoder with these options is exactly the canonical form once _check_json has
+# excluded floats, big ints, non-str keys and surrogates: sort_keys orders str by code point,
+# and ensure_ascii=False escapes only '"', '\\' and U+0000-U+001F.
+_CANONICAL_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, sort_keys=True,
+                                             separators=(",", ":"), allow_nan=False)
+
+
+def _canonical_checked(value: Any) -> bytes:
+    """canonical_json for a value already known to pass _check_json."""
+    return _CANONICAL_ENCODER.encode(value).encode("utf-8")
 
 
 def canonical_bytes(topic: str, envelope: dict[str, Any]) -> bytes:
@@ -409,13 +416,64 @@ def _no_constant(name: str) -> Any:
     raise ContractError(f"payload: {name} is not JSON")
 
 
+class _FloatSeen(Exception):
+    """Raised by the fast decoder at the first float: the careful path takes over."""
+
+
+def _no_float(text: str) -> Any:
+    raise _FloatSeen
+
+
+# Fast path of step 3 (the wire is almost always clean): a decoder that stops at a float,
+# and a scan of the text for what could break the other rules: a run of 16+ digits (an
+# integer beyond 2**53-1 needs 16), or a \uD8xx-\uDFxx escape (the only way JSON text can
+# carry a lone surrogate: UTF-8 itself cannot). Either finding, or more than MAX_DEPTH
+# brackets, sends the value through the full _check_json walk, which says exactly where the
+# problem is; the fast path never accepts what the walk would refuse.
+_FAST_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys,
+                                        parse_constant=_no_constant, parse_float=_no_float)
+_CAREFUL_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys,
+                                           parse_constant=_no_constant)
+# (bytes.translate + a substring search: far cheaper than a regex over the text.)
+_DIGITS_AS_ZERO: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_SIXTEEN_DIGITS: Final = b"0" * 16
+_SURROGATE_ESCAPE_RE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _suspect(raw: bytes, text: str) -> bool:
+    """Whether the text could hold a big integer or a surrogate escape (conservative)."""
+    return (_SIXTEEN_DIGITS in raw.translate(_DIGITS_AS_ZERO)
+            or (b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(text) is not None))
+
+
+def _depth_ok(value: Any) -> bool:
+    """Whether no container in ``value`` (the top one at depth 0) sits at MAX_DEPTH or deeper."""
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        nxt = []
+        for v in level:
+            items = v.values() if type(v) is dict else v
+            nxt.extend(i for i in items if type(i) is dict or type(i) is list)
+        if not nxt:
+            return True
+        level = nxt
+    return False
+
+
 def _parse(payload: bytes) -> Any:
+    raw = bytes(payload)
     try:
-        text = bytes(payload).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ContractError("payload: not valid UTF-8") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        try:
+            obj = _FAST_DECODER.decode(text)
+            careful = (_suspect(raw, text)
+                       or (text.count("{") + text.count("[") > MAX_DEPTH
+                           and type(obj) in (dict, list) and not _depth_ok(obj)))
+        except _FloatSeen:
+            obj, careful = _CAREFUL_DECODER.decode(text), True
     except ContractError:
         raise  # from the hooks (it is a ValueError too, so it must pass first)
     except json.JSONDecodeError as exc:
@@ -425,7 +483,8 @@ def _parse(payload: bytes) -> Any:
     except ValueError:
         # int() refuses numbers of more than 4300 digits.
         raise ContractError("payload: number too long") from None
-    _check_json(obj, "envelope", 0)
+    if careful:
+        _check_json(obj, "envelope", 0)
     return obj
 
 
@@ -483,8 +542,11 @@ def verify(payload: bytes, topic: str, keyring: Keyring, *,
 
     entry = keyring.get(kid)
     unsigned = {k: v for k, v in obj.items() if k != "sig"}
+    # The topic passed parse_topic (ids cannot hold a newline) and the payload step 3, so the
+    # signed bytes are built without checking either again.
+    signed = SIGNING_PREFIX + topic.encode("utf-8") + b"\n" + _canonical_checked(unsigned)
     try:
-        entry.public_key.verify(sig, canonical_bytes(topic, unsigned))
+        entry.public_key.verify(sig, signed)
     except InvalidSignature:
         raise SignatureError(f"bad signature or wrong topic (kid {kid}, topic "
                              f"{parts.kind} of {parts.device})") from None

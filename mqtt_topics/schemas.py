@@ -45,6 +45,25 @@ _BAD_TEXT_RE: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 
 Problems = list[str]
 
+#: Keys that matched a key pattern, remembered per pattern: the same few dozen telemetry keys
+#: arrive in every message, and a set lookup is far cheaper than a regex. Bounded, so hostile
+#: keys cannot grow it (beyond the bound every key is matched the slow way).
+_KNOWN_KEYS: dict[re.Pattern[str], set[str]] = {}
+_KNOWN_KEYS_MAX = 4096
+
+
+def _key_matches(key_re: re.Pattern[str], key: object) -> bool:
+    known = _KNOWN_KEYS.get(key_re)
+    if known is None:
+        known = _KNOWN_KEYS.setdefault(key_re, set())
+    if key in known:
+        return True
+    if type(key) is not str or not key_re.fullmatch(key):
+        return False
+    if len(known) < _KNOWN_KEYS_MAX:
+        known.add(key)
+    return True
+
 
 class Spec:
     """A value type. ``check`` appends problems and returns the (rebuilt) value."""
@@ -57,6 +76,11 @@ class Spec:
 
     def _fail(self, path: str, problems: Problems) -> None:
         problems.append(f"{path}: expected {self.describe()}")
+
+    def types(self) -> tuple[type, ...] | None:
+        """The Python types a value must have to pass (None: not known). AnyOf skips an
+        option whose types exclude the value instead of building its error message."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,9 @@ class Int(Spec):
             return f"int <= {self.max}"
         return "int"
 
+    def types(self) -> tuple[type, ...]:
+        return (int,)
+
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         if type(value) is float:
             problems.append(f"{path}: expected {self.describe()} (floats are not allowed)")
@@ -87,6 +114,9 @@ class Int(Spec):
 class Bool(Spec):
     def describe(self) -> str:
         return "bool"
+
+    def types(self) -> tuple[type, ...]:
+        return (bool,)
 
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         if type(value) is not bool:
@@ -113,6 +143,9 @@ class Str(Spec):
             return f"str of {self.min_len}-{self.max_len} chars"
         return f"str of at most {self.max_len} chars"
 
+    def types(self) -> tuple[type, ...]:
+        return (str,)
+
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         if type(value) is not str:
             self._fail(path, problems)
@@ -136,6 +169,10 @@ class Nullable(Spec):
     def describe(self) -> str:
         return f"{self.inner.describe()} | null"
 
+    def types(self) -> tuple[type, ...] | None:
+        inner = self.inner.types()
+        return None if inner is None else inner + (type(None),)
+
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         if value is None:
             return None
@@ -153,8 +190,14 @@ class Scalar(Spec):
 
     max_len: int = MAX_STR
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_text", Str(self.max_len))   # built once, not per value
+
     def describe(self) -> str:
         return f"int | bool | str (<= {self.max_len} chars) | null"
+
+    def types(self) -> tuple[type, ...]:
+        return (type(None), bool, int, str)
 
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         if value is None or type(value) is bool:
@@ -164,7 +207,7 @@ class Scalar(Spec):
                 problems.append(f"{path}: int outside +-(2**53-1)")
             return value
         if type(value) is str:
-            return Str(self.max_len).check(value, path, problems)
+            return self._text.check(value, path, problems)  # type: ignore[attr-defined]
         if type(value) is float:
             problems.append(f"{path}: float not allowed (use an int in a named unit)")
             return value
@@ -181,6 +224,9 @@ class ListOf(Spec):
     def describe(self) -> str:
         unique = "unique " if self.unique else ""
         return f"list of at most {self.max_items} {unique}({self.item.describe()})"
+
+    def types(self) -> tuple[type, ...]:
+        return (list, tuple)
 
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         # Tuples are accepted from Python callers (frozen config); JSON only yields lists.
@@ -205,13 +251,16 @@ class MapOf(Spec):
         return (f"object of at most {self.max_items} keys [{self.key_re.pattern}] -> "
                 f"({self.value.describe()})")
 
+    def types(self) -> tuple[type, ...]:
+        return (dict,)
+
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         if type(value) is not dict or len(value) > self.max_items:
             self._fail(path, problems)
             return value
         out = {}
         for key, item in value.items():
-            if type(key) is not str or not self.key_re.fullmatch(key):
+            if not _key_matches(self.key_re, key):
                 problems.append(f"{path}: key {_shown_key(key)} does not match "
                                 f"[{self.key_re.pattern}]")
                 continue
@@ -225,11 +274,25 @@ class AnyOf(Spec):
 
     options: tuple[Spec, ...]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_option_types", tuple(o.types() for o in self.options))
+
     def describe(self) -> str:
         return " | ".join(f"({o.describe()})" for o in self.options)
 
+    def types(self) -> tuple[type, ...] | None:
+        union: tuple[type, ...] = ()
+        for t in self._option_types:  # type: ignore[attr-defined]
+            if t is None:
+                return None
+            union += t
+        return union
+
     def check(self, value: Any, path: str, problems: Problems) -> Any:
-        for option in self.options:
+        kind = type(value)
+        for option, types in zip(self.options, self._option_types):  # type: ignore[attr-defined]
+            if types is not None and kind not in types:
+                continue                 # it would fail: skip building its message
             trial: Problems = []
             out = option.check(value, path, trial)
             if not trial:
@@ -262,15 +325,21 @@ class Struct(Spec):
     max_extra: int = 64
     cross: Callable[[dict[str, Any], str, Problems], None] | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_known", frozenset(f.name for f in self.fields))
+
     def describe(self) -> str:
         return "object"
+
+    def types(self) -> tuple[type, ...]:
+        return (dict,)
 
     def check(self, value: Any, path: str, problems: Problems) -> Any:
         if type(value) is not dict:
             self._fail(path, problems)
             return value
         mark = len(problems)
-        known = {f.name: f for f in self.fields}
+        known = self._known  # type: ignore[attr-defined]
         out: dict[str, Any] = {}
         for f in self.fields:
             if f.name in value:
@@ -282,7 +351,7 @@ class Struct(Spec):
             for key in extras:
                 hint = ""
                 if type(key) is str:
-                    close = difflib.get_close_matches(key, list(known), n=1)
+                    close = difflib.get_close_matches(key, [f.name for f in self.fields], n=1)
                     if close:
                         hint = f" (did you mean {close[0]!r}?)"
                 problems.append(f"{path}: unknown field {_shown_key(key)}{hint}")
@@ -291,7 +360,7 @@ class Struct(Spec):
                 problems.append(f"{path}: more than {self.max_extra} fields")
             key_re = self.extra_key_re or FREE_KEY_RE
             for key in extras:
-                if type(key) is not str or not key_re.fullmatch(key):
+                if not _key_matches(key_re, key):
                     problems.append(f"{path}: key {_shown_key(key)} does not match "
                                     f"[{key_re.pattern}]")
                     continue

@@ -619,3 +619,58 @@ def test_hall_filters_match_kiosk_topics():
     # A consumer subscribed to the hall filter receives exactly the kiosk's topic.
     h = HallTopics("hall-01")
     assert h.all_tickets.replace("+", "kiosk-07") == T7.ticket
+
+
+# -- the fast path of step 3 agrees with the full walk ------------------------------------------
+_json_values = st.recursive(
+    st.none() | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.sampled_from([2**53 - 1, 2**53, -(2**53 - 1), -(2**53), 10**15, 10**16])
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["\ud800", "a\udfffb", "\U0001f600", "ok"]),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=4) | st.just("\udc00"), children, max_size=3),
+    max_leaves=30)
+
+
+def _careful_verdict(text: str) -> str | None:
+    from mqtt_topics.envelope import _CAREFUL_DECODER, _check_json
+
+    try:
+        _check_json(_CAREFUL_DECODER.decode(text), "envelope", 0)
+    except ContractError as exc:
+        return str(exc)
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_json_values, ascii_only=st.booleans())
+def test_fast_json_checks_accept_and_refuse_exactly_what_the_full_walk_does(value, ascii_only):
+    from mqtt_topics.envelope import _parse
+
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return                      # a lone surrogate cannot even be sent as UTF-8
+    expected = _careful_verdict(text)
+    try:
+        _parse(raw)
+    except ContractError as exc:
+        assert expected is not None, f"fast path refused what the walk accepts: {exc}"
+        assert str(exc) == expected
+    else:
+        assert expected is None, f"fast path accepted what the walk refuses: {expected}"
+
+
+@pytest.mark.parametrize("depth", [6, 7, 8, 9, 12])
+def test_fast_json_checks_bound_the_depth(depth):
+    from mqtt_topics.envelope import MAX_DEPTH, _parse
+
+    text = "[" * depth + "1" + "]" * depth
+    if depth <= MAX_DEPTH:
+        assert _parse(text.encode()) is not None
+    else:
+        with pytest.raises(ContractError, match="nested deeper"):
+            _parse(text.encode())
