@@ -174,7 +174,8 @@ def test_revoked_ops_key_refused_once_crl_loaded(pki, tmp_path):
     # And a keyring built afresh with the CRL never trusts it.
     fresh = keyring_from_certs(local.chain_file, local.certs(), local.crl_file, clock=clock)
     assert removed[0] not in fresh
-    assert sorted(fresh.get(kid).owner for kid in fresh) == ["k1", "ledger"]
+    assert sorted(fresh.get(kid).owner for kid in fresh) == ["auditor", "k1", "ledger"]
+    assert fresh.get(key_id(local["auditor"].key.public_key())).roles == {"monitor"}
 
 
 def test_nonces_survive_a_restart_with_a_nonce_file(env, tmp_path):

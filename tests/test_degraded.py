@@ -19,7 +19,7 @@ from edge.health import (BROKER, CAMERA, CLOCK, PRINTER, QR_SCANNER, READER, STO
                          ComponentHealth, Health, Level, printer_level)
 from edge.idcard_worker import IdCardWorker
 from edge.keys import generate_private_key
-from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, PublishDone
 from edge.printer.escpos import PrinterStatus, TicketLayout
 from edge.printing import PrinterHandle
 from emulator.idcard import EmulatedReader
@@ -214,7 +214,15 @@ def test_degraded_state_is_retained_and_verifies(broker, tmp_path):
         assert kiosk.wait_connected(10)
         mode = decide(parts(idcard_reader=("down", "gone")), direct_to=DIRECT)
         state = {"session": 1, "agent_version": "0.1.0", "since_ms": 1, **state_fields(mode, SERVICES)}
-        kiosk.publish(topics.state, signer.seal(topics.state, "state", state), qos=1, retain=True)
+        mid = kiosk.publish(topics.state, signer.seal(topics.state, "state", state), qos=1,
+                            retain=True)
+        # The dashboard subscribes only once the broker holds the state (PUBACK), so what it
+        # gets is the retained copy and not the live publish.
+        while True:
+            ev = kiosk_events.get(timeout=10)
+            if isinstance(ev, PublishDone) and ev.mid == mid:
+                assert ev.ok
+                break
 
         got: queue.Queue = queue.Queue()
         dash = MqttLink(client_id="dashboard", host="127.0.0.1", port=broker.port,
