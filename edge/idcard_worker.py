@@ -1,8 +1,8 @@
 """The ID-card reader's poll loop, on its own thread.
 
-GA 467 readers do not announce a card: the host asks ``find`` every poll interval (no faster
-than 300 ms on real hardware, PROTOCOLS.md). Between polls the thread sleeps on an Event, so an
-idle kiosk costs a few tiny serial exchanges per second and nothing else.
+GA 467 readers do not announce a card: the host asks ``find`` every poll interval, start to
+start (no faster than 300 ms on real hardware, PROTOCOLS.md). Between polls the thread sleeps
+on an Event, so an idle kiosk costs a few tiny serial exchanges per second and nothing else.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class IdCardWorker(SerialWorker):
     def serve(self, reader: IdCardReader) -> None:
         soft_errors = 0
         while not self.stopping.is_set():
+            started = self.clock.monotonic()
             try:
                 card = reader.read_card()
                 soft_errors = 0
@@ -66,4 +67,7 @@ class IdCardWorker(SerialWorker):
                 card = None
             if card is not None:
                 self._emit(CardRead(card, self.clock.monotonic()))
-            self.stopping.wait(self.poll_interval_s)
+            # Polls START every poll_interval_s (never faster): the exchange's own time comes
+            # out of the wait, so a card presented just after a find waits one interval for
+            # the next, not an interval plus the exchange.
+            self.stopping.wait(max(0.0, started + self.poll_interval_s - self.clock.monotonic()))

@@ -39,11 +39,15 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])       # utime + stime
 
 
-def _rss_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _rss_kib(pid: int) -> int:
+    return _status_kib(pid, "VmRSS")
 
 
 def _wait_line(proc, needle: str, timeout_s: float) -> float | None:
@@ -127,6 +131,10 @@ def run_bench(out: Path, tickets: int = 200) -> int:
         c1, w1 = _cpu_ticks(proc.pid), time.monotonic()
         figures["idle_cpu_percent_of_one_core"] = round(100 * (c1 - c0) / CLK_TCK / (w1 - w0), 2)
         figures["idle_rss_mib"] = round(_rss_kib(proc.pid) / 1024, 1)
+        # Where it goes: heap and other private memory, vs mapped files (libpython, the
+        # OpenSSL and cryptography libraries, other extension modules).
+        figures["idle_rss_anon_mib"] = round(_status_kib(proc.pid, "RssAnon") / 1024, 1)
+        figures["idle_rss_file_mib"] = round(_status_kib(proc.pid, "RssFile") / 1024, 1)
         proc.terminate()
         proc.wait(10)
 

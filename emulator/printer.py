@@ -13,7 +13,9 @@ open, paper out, error) is discarded and counted in ``discarded_jobs``, never pr
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import threading
 import unicodedata
 from dataclasses import dataclass, field
@@ -102,6 +104,13 @@ class EmulatedPrinter(PtyDevice):
         self.encoding = encoding
         self._cond = threading.Condition(threading.RLock())
         self._tickets: list[PrintedTicket] = []
+        # Cut tickets are rendered (text, PNG) on a thread of their own: a real printer
+        # answers DLE EOT in real time while it is still printing, so the status request that
+        # follows a ticket must not wait for this emulator's PNG. ``tickets`` waits for the
+        # renders under way, so a reader never misses a ticket that was already cut.
+        self._rendering = 0
+        self._render_queue: queue.SimpleQueue[tuple[int, tuple]] = queue.SimpleQueue()
+        self._renderer: threading.Thread | None = None
         self._discarded = 0
         self.unknown_commands = 0
         self._paper = "ok"          # physical state: survives a power cycle
@@ -135,6 +144,7 @@ class EmulatedPrinter(PtyDevice):
     @property
     def tickets(self) -> list[PrintedTicket]:
         with self._cond:
+            self._cond.wait_for(lambda: self._rendering == 0, timeout=30)
             return list(self._tickets)
 
     @property
@@ -310,16 +320,33 @@ class EmulatedPrinter(PtyDevice):
         self._reset_job()
         if not items:
             return                          # a cut of blank paper is not a ticket
-        number = len(self._tickets) + 1
-        text = render_text(items)
-        png_path = None
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / f"ticket-{number:04d}.txt").write_text(text, encoding="utf-8")
-            png_path = self.out_dir / f"ticket-{number:04d}.png"
-            render_png(items).save(png_path)
-        self._tickets.append(PrintedTicket(number, items, text, png_path))
-        self._cond.notify_all()
+        number = len(self._tickets) + self._rendering + 1
+        self._rendering += 1
+        if self._renderer is None:
+            self._renderer = threading.Thread(target=self._render_loop, daemon=True,
+                                              name="printer-render")
+            self._renderer.start()
+        self._render_queue.put((number, items))
+
+    def _render_loop(self) -> None:
+        while True:
+            number, items = self._render_queue.get()      # one thread: tickets stay in order
+            text = render_text(items)
+            png_path = None
+            if self.out_dir is not None:
+                try:
+                    self.out_dir.mkdir(parents=True, exist_ok=True)
+                    (self.out_dir / f"ticket-{number:04d}.txt").write_text(text, encoding="utf-8")
+                    png_path = self.out_dir / f"ticket-{number:04d}.png"
+                    render_png(items).save(png_path)
+                except Exception:
+                    logging.getLogger("emulator.printer").exception("ticket %d: render failed",
+                                                                    number)
+                    png_path = None
+            with self._cond:
+                self._tickets.append(PrintedTicket(number, items, text, png_path))
+                self._rendering -= 1
+                self._cond.notify_all()
 
 
 # -- rendering ---------------------------------------------------------------------------

@@ -223,7 +223,9 @@ def qr_module_size(data: bytes) -> int:
     import segno   # pure Python; imported here so status/parser users do not pay for it
 
     try:
-        symbol = segno.make(data, error="m", micro=False, boost_error=False)
+        # Only the symbol's size is wanted: a fixed mask skips the search for the best one
+        # (most of the encoding time) and does not change the size.
+        symbol = segno.make(data, error="m", micro=False, boost_error=False, mask=0)
     except segno.DataOverflowError as exc:
         raise ValueError(f"QR data of {len(data)} bytes does not fit a level M symbol") from exc
     modules = symbol.symbol_size(border=0)[0]

@@ -161,11 +161,13 @@ class TicketPrinter:
             # Bytes already waiting are late answers to an earlier, timed-out query (or a
             # DLE EOT inside QR data that the printer answered): never read them as ours.
             self._drain()
-            status = decode_status(1, self._query(1))
-            status = decode_status(2, self._query(2), status)
+            # DLE EOT is a real-time command: the printer answers each one in order as it
+            # arrives, so the three usual queries go out in one write and cost one round trip.
+            first, second, fourth = self._query_many((1, 2, 4))
+            status = decode_status(2, second, decode_status(1, first))
             if status.error:
                 status = decode_status(3, self._query(3), status)
-            return decode_status(4, self._query(4), status)
+            return decode_status(4, fourth, status)
 
     def _take(self, items) -> int | None:
         """Consume split items: keep ASB pushes, drop strays, return the first answer."""
@@ -186,8 +188,15 @@ class TicketPrinter:
             self._take(self._splitter.feed(chunk))
 
     def _query(self, n: int) -> int:
-        self._port.write(status_query(n))
+        return self._query_many((n,))[0]
+
+    def _query_many(self, ns: tuple[int, ...]) -> list[int]:
+        self._port.write(b"".join(status_query(n) for n in ns))
         self._port.flush()
+        return [self._answer(n) for n in ns]
+
+    def _answer(self, n: int) -> int:
+        """Read the answer to status query ``n`` (the next one due), within timeout_s."""
         deadline = self._clock.monotonic() + self.timeout_s
         strays = 0
         for _ in range(_MAX_BYTES_PER_ANSWER):
