@@ -7,6 +7,11 @@ callbacks on its own threads: ours only put an event on the main loop's queue.
 MockPin ignores ``bounce_time``, so a real bounce filter would live in our code with an
 injected clock; service buttons need none: a second press while a ticket is being issued is
 ignored by the session logic, which is the behaviour a citizen expects from a bouncy switch.
+
+Inputs are plain ``DigitalInputDevice``s (see :func:`input_pin`), not gpiozero's ``Button``:
+a Button starts a hold-detection thread that wakes every 100 ms for as long as it exists, and
+with three buttons that was over half of an idle kiosk's CPU (py-spy). Nothing here uses
+hold events; edges come from the pin factory's own edge detection.
 """
 
 from __future__ import annotations
@@ -15,11 +20,18 @@ import logging
 from enum import Enum
 from typing import Callable, Mapping
 
-from gpiozero import LED, Button
+from gpiozero import LED, DigitalInputDevice
 
 from edge.events import ButtonPressed
 
 log = logging.getLogger("hallkiosk.gpio")
+
+
+def input_pin(pin: int, *, pull_up: bool, pin_factory=None) -> DigitalInputDevice:
+    """A digital input with edge callbacks (``when_activated``/``when_deactivated``) and no
+    polling thread. With ``pull_up`` the input is active when pulled to ground (a button or
+    reed switch to GND); without, active when driven high (a PIR module's output)."""
+    return DigitalInputDevice(pin, pull_up=pull_up, bounce_time=None, pin_factory=pin_factory)
 
 
 class Indication(Enum):
@@ -42,13 +54,13 @@ class ServicePanel:
     def __init__(self, buttons: Mapping[str, int], leds: Mapping[str, int], status_led: int | None,
                  *, sink: Callable[[object], None], pin_factory=None) -> None:
         self._sink = sink
-        self._buttons: dict[str, Button] = {}
+        self._buttons: dict[str, DigitalInputDevice] = {}
         self._leds: dict[str, LED] = {}
         self._status: LED | None = None
         try:
             for role, pin in buttons.items():
-                b = Button(pin, pull_up=True, pin_factory=pin_factory)
-                b.when_pressed = self._press_handler(role)
+                b = input_pin(pin, pull_up=True, pin_factory=pin_factory)
+                b.when_activated = self._press_handler(role)
                 self._buttons[role] = b
             for role, pin in leds.items():
                 self._leds[role] = LED(pin, pin_factory=pin_factory)

@@ -31,9 +31,10 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gpiozero import LED, Button
+from gpiozero import LED, DigitalInputDevice
 
 from edge.clock import Clock
+from edge.gpio import input_pin
 
 log = logging.getLogger("hallkiosk.staffcall")
 
@@ -137,12 +138,12 @@ class StaffCallPanel:
     def __init__(self, buttons: Mapping[str, tuple[int, str | None]], led_pin: int | None, *,
                  sink: Callable[[object], None], pin_factory=None) -> None:
         self._sink = sink
-        self._buttons: dict[str, Button] = {}
+        self._buttons: dict[str, DigitalInputDevice] = {}
         self._led: LED | None = None
         try:
             for source, (pin, cell) in buttons.items():
-                b = Button(pin, pull_up=True, pin_factory=pin_factory)
-                b.when_pressed = self._handler(source, cell)
+                b = input_pin(pin, pull_up=True, pin_factory=pin_factory)
+                b.when_activated = self._handler(source, cell)
                 self._buttons[source] = b
             if led_pin is not None:
                 self._led = LED(led_pin, pin_factory=pin_factory)

@@ -6,10 +6,10 @@ Threads and who owns what:
   message itself and folds it into the Fleet under ``self.lock``;
 - with ``workers=N`` it only routes each message to one of N verify threads' queues, chosen
   by the topic's device so one kiosk's messages stay in order. Ed25519 verify releases the
-  GIL, but the hand-off from the link thread to a worker and back costs more GIL traffic
-  than the overlap saves: on the benchmark machine (2 cores) one process verified about 20 %
-  more messages per second inline than with 2 workers (`make bench`, ops part), so threads
-  are only worth it where verification is slower than the Python around it;
+  GIL, but the hand-off from the link thread to a worker and back costs GIL traffic that
+  eats most of the overlap: on the benchmark machine (2 cores) inline and 2 workers came out
+  within run-to-run noise of each other (1,550-2,070 messages/s either way, `make bench`,
+  ops part), so the simpler inline path is the default;
 - one tick thread, every ``tick_s``: heartbeats, gaps confirmed lost, alert evaluation;
   alerts are emitted outside the lock. With an ``alert_signer`` (the monitor's own key, role
   ``monitor``) each alert transition is also sealed and published QoS 1 on the kiosk's

@@ -57,3 +57,28 @@ def test_a_failing_sink_does_not_raise_into_gpiozero():
 def test_unknown_pin_factory_is_refused():
     with pytest.raises(ValueError):
         make_pin_factory("bogus")
+
+
+def test_inputs_start_no_polling_threads():
+    """gpiozero's Button and MotionSensor each keep a thread that wakes 10 times a second
+    (hold detection, sampling); an idle kiosk must not pay for that (edge.gpio.input_pin)."""
+    import threading
+
+    from edge.cells.sensors import CellGpioSensors
+    from edge.staffcall import StaffCallPanel
+
+    factory = MockFactory()
+    before = threading.active_count()
+    panel = ServicePanel({"A": 5, "B": 6, "C": 13}, {}, None, sink=lambda ev: None,
+                         pin_factory=factory)
+    staff = StaffCallPanel({"kiosk": (19, None), "c1": (26, "c1")}, None, sink=lambda ev: None,
+                           pin_factory=factory)
+    cell = CellGpioSensors("c1", sink=lambda ev: None, pir_pin=20, door_pin=21,
+                           pin_factory=factory)
+    cell.start()
+    try:
+        assert threading.active_count() == before
+    finally:
+        cell.close()
+        staff.close()
+        panel.close()

@@ -1,9 +1,11 @@
-"""A cell's GPIO sensors through gpiozero: a PIR (MotionSensor) and a door reed switch (Button).
+"""A cell's GPIO sensors through gpiozero: a PIR and a door reed switch, as digital inputs.
 
 Wiring (BCM pins from the board profile's ``gpio.occupancy``):
 
 - PIR: the module's output to the pin, pulled down (an unplugged PIR reads "no motion").
-  gpiozero samples it on its own thread (10 Hz by default) and calls back on changes.
+  The module holds its output for seconds and switches cleanly, so it is read by edge
+  callbacks, not with gpiozero's MotionSensor, which samples the pin on a thread at 10 Hz
+  forever (idle CPU for nothing; see edge.gpio.input_pin).
 - Door: a normally-open reed switch between the pin and ground, with the internal pull-up;
   the magnet on the door closes it when the door is shut, so pressed = door closed.
 
@@ -18,10 +20,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from gpiozero import Button, MotionSensor
+from gpiozero import DigitalInputDevice
 
 from edge.cells.debounce import ContactEdge
 from edge.cells.occupancy import SensorReading
+from edge.gpio import input_pin
 
 log = logging.getLogger("hallkiosk.cells.gpio")
 
@@ -38,13 +41,13 @@ class CellGpioSensors:
         self.pir_name = pir_name
         self.door_name = door_name
         self._sink = sink
-        self._pir: MotionSensor | None = None
-        self._door: Button | None = None
+        self._pir: DigitalInputDevice | None = None
+        self._door: DigitalInputDevice | None = None
         try:
             if pir_pin is not None:
-                self._pir = MotionSensor(pir_pin, pull_up=False, pin_factory=pin_factory)
+                self._pir = input_pin(pir_pin, pull_up=False, pin_factory=pin_factory)
             if door_pin is not None:
-                self._door = Button(door_pin, pull_up=True, bounce_time=None, pin_factory=pin_factory)
+                self._door = input_pin(door_pin, pull_up=True, pin_factory=pin_factory)
         except Exception:
             self.close()
             raise
@@ -53,13 +56,13 @@ class CellGpioSensors:
         """Hook the callbacks and report the current levels (a level read at start-up is
         steady, so it is a SensorReading, not an edge)."""
         if self._pir is not None:
-            self._pir.when_motion = self._safe(lambda: SensorReading(self.cell, self.pir_name, True))
-            self._pir.when_no_motion = self._safe(lambda: SensorReading(self.cell, self.pir_name, False))
-            self._put(SensorReading(self.cell, self.pir_name, bool(self._pir.motion_detected)))
+            self._pir.when_activated = self._safe(lambda: SensorReading(self.cell, self.pir_name, True))
+            self._pir.when_deactivated = self._safe(lambda: SensorReading(self.cell, self.pir_name, False))
+            self._put(SensorReading(self.cell, self.pir_name, bool(self._pir.is_active)))
         if self._door is not None:
-            self._door.when_pressed = self._safe(lambda: ContactEdge(self.cell, self.door_name, True))
-            self._door.when_released = self._safe(lambda: ContactEdge(self.cell, self.door_name, False))
-            self._put(SensorReading(self.cell, self.door_name, bool(self._door.is_pressed)))
+            self._door.when_activated = self._safe(lambda: ContactEdge(self.cell, self.door_name, True))
+            self._door.when_deactivated = self._safe(lambda: ContactEdge(self.cell, self.door_name, False))
+            self._put(SensorReading(self.cell, self.door_name, bool(self._door.is_active)))
 
     def _safe(self, build: Callable[[], object]) -> Callable[[], None]:
         def callback() -> None:
