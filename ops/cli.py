@@ -6,6 +6,11 @@ Subcommands (``add_parser(sub)`` registers them under ``ops``; ``cmd_ops(args)``
   terminal (``--no-dashboard`` under systemd). Stops on SIGTERM/SIGINT.
 - ``ops status``: connect, gather the retained states for ``--wait-s``, print one frame of
   the dashboard and exit 0 if every kiosk is online, 1 otherwise (for scripts and ssh).
+- ``ops alerts``: follow the halls' alert topics; print each alert transition once it
+  verifies (role ``monitor``), deduplicated across monitor instances by (alert_id, state).
+  With mTLS the broker takes the certificate's CN as client id, so give it a config whose
+  certificate is not the one a running ``ops run`` uses (an ops certificate), or the two
+  would keep taking the session from each other.
 
 Remote commands are signed and sent by ``provisioning``'s command client (it holds the ops
 certificate and key); the monitor shows each kiosk's last command result.
@@ -56,6 +61,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="how long to gather retained states and traffic")
     s.add_argument("--width", type=int, default=80)
 
+    a = osub.add_parser("alerts", help="follow the signed alerts of the halls (one line each)")
+    common(a)
+    a.add_argument("--count", type=int, default=0,
+                   help="exit after this many alerts (0: follow until SIGTERM/SIGINT)")
+    a.add_argument("--json", action="store_true", help="one JSON object per line")
+
     b = osub.add_parser("bench", help="verified messages/s vs the raw Ed25519 verify rate")
     b.add_argument("--out", default="bench-out")
     b.add_argument("--messages", type=int, default=20000)
@@ -89,6 +100,11 @@ def cmd_ops(args: argparse.Namespace) -> int:
     setup_logging("warning" if args.log_level == "info" else args.log_level)
     if args.ops_command == "status":
         return _status(cfg, args.wait_s, args.width)
+    if args.ops_command == "alerts":
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        return follow_alerts(cfg, count=args.count, as_json=args.json, stop=stop)
     raise ConfigError(f"unknown ops command {args.ops_command!r}")
 
 
@@ -211,3 +227,75 @@ def _status(cfg: Any, wait_s: float, width: int) -> int:
     finally:
         monitor.stop()
     return 0 if kiosks and all(k.online for k in kiosks) else 1
+
+
+def follow_alerts(cfg: Any, *, count: int = 0, as_json: bool = False,
+                  stop: threading.Event | None = None, out: Any = None,
+                  connected: threading.Event | None = None) -> int:
+    """Print verified alert transitions of ``cfg.halls`` until ``count`` were printed (0: until
+    ``stop``). Forged, replayed or malformed alerts are logged and never printed."""
+    import queue
+    import time
+    from collections import OrderedDict
+
+    from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink
+    from hallkiosk.errors import ContractError
+    from mqtt_topics.envelope import SequenceTracker, verify
+    from mqtt_topics.topics import HallTopics
+    from ops.config import load_trust
+
+    out = out if out is not None else sys.stdout
+    stop = stop or threading.Event()
+    keyring = load_trust(cfg.trust, roles=("monitor",)).keyring   # alerts come from monitors
+    tracker = SequenceTracker()
+    events: queue.SimpleQueue[object] = queue.SimpleQueue()
+    seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+    link = MqttLink(client_id=f"{cfg.instance}-alerts", host=cfg.broker.host,
+                    port=cfg.broker.port, sink=events.put,
+                    subscriptions=tuple((HallTopics(h).alerts, 1) for h in cfg.halls),
+                    keepalive_s=cfg.broker.keepalive_s, reconnect_min_s=cfg.broker.reconnect_min_s,
+                    reconnect_max_s=cfg.broker.reconnect_max_s, tls=_tls(cfg.broker.tls),
+                    name="ops-alerts")
+    link.start()
+    printed = 0
+    try:
+        while not stop.is_set() and (count == 0 or printed < count):
+            try:
+                ev = events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if isinstance(ev, LinkUp):
+                if connected is not None:
+                    connected.set()
+                continue
+            if isinstance(ev, LinkDown):
+                log.warning("alert feed: %s", ev.reason)
+                continue
+            if not isinstance(ev, LinkMessage):
+                continue
+            try:
+                v = verify(ev.payload, ev.topic, keyring, tracker=tracker, expect_type="alert",
+                           require_role="monitor")
+            except ContractError as exc:
+                log.warning("alert refused on %s: %s", ev.topic, exc)
+                continue
+            key = (v.body["alert_id"], v.body["state"])
+            if key in seen:
+                continue                     # the same transition from another monitor
+            seen[key] = None
+            if len(seen) > 4096:
+                seen.popitem(last=False)
+            body = v.body
+            if as_json:
+                line = json.dumps({**body, "hall": v.hall, "monitor": v.sender},
+                                  sort_keys=True)
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.ts_ms / 1000))
+                line = (f"{when} {body['severity'].upper():8} {body['state']:8} "
+                        f"{v.hall}/{body['device']} {body['rule']}: {body['message']} "
+                        f"[{body['alert_id']} from {v.sender}]")
+            print(line, file=out, flush=True)
+            printed += 1
+    finally:
+        link.stop()
+    return 0

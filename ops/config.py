@@ -510,16 +510,16 @@ def _alerts(top: _Table, p: _Problems) -> tuple[AlertRule, ...]:
 
 
 # -- the keys ----------------------------------------------------------------------------------
-def load_trust(trust: TrustSources) -> Inventory:
-    """The keyring and expected kiosks of ``[keys]``: certificates that chain to the hall CA
-    (and are not revoked), plus the plain inventory if one is given."""
+def load_trust(trust: TrustSources, roles: tuple[str, ...] = ("kiosk",)) -> Inventory:
+    """The keyring and expected kiosks of ``[keys]``: certificates of ``roles`` that chain to
+    the hall CA (and are not revoked), plus the plain inventory if one is given."""
     keyring = Keyring()
     kiosks: list[tuple[str, str]] = []
     if trust.certs and trust.ca_chain is not None:
         # Imported here: only a hall with a CA needs the X.509 side.
         from provisioning.trust import keyring_from_certs, load_pem_certs, subject_fields
 
-        keyring_from_certs(trust.ca_chain, trust.certs, trust.crl, roles=("kiosk",),
+        keyring_from_certs(trust.ca_chain, trust.certs, trust.crl, roles=roles,
                            keyring=keyring)
         for source in trust.certs:
             for cert in load_pem_certs(source):

@@ -7,6 +7,7 @@ hostile kiosk would; everything else is the real agent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import secrets
@@ -471,27 +472,7 @@ def test_ops_toml_builds_a_monitor_that_signs_alerts_as_its_certificate(hall, tm
     certs = tmp_path / "certs.pem"
     certs.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in pki.certs()))
     me = pki["mon-7"]
-    (tmp_path / "ops.toml").write_text(f"""
-[ops]
-instance = "ops-cli"
-halls = ["{hall.hall_id}"]
-state_dir = "{tmp_path / 'state'}"
-tick_s = 0.1
-[broker]
-port = {hall.broker.port}
-reconnect_min_s = 0.1
-tls_ca_file = "{pki.chain_file}"
-tls_cert_file = "{me.cert_path}"
-tls_key_file = "{me.key_path}"
-[keys]
-ca_chain = "{pki.chain_file}"
-certs = ["{certs}"]
-crl = "{pki.crl_file}"
-[ledger]
-enabled = false
-[metrics]
-enabled = false
-""")
+    _ops_toml(tmp_path / "ops.toml", hall, me, certs, "ops-cli")
     cfg = load_ops_config(tmp_path / "ops.toml")
     assert cfg.alert_key == me.key_path
     mon = build_monitor(cfg, with_ledger=False)
@@ -536,3 +517,98 @@ def test_ops_toml_without_a_key_logs_alerts_only(tmp_path):
                             "keys": {"inventory": "inv.toml"}, "ledger": {"enabled": False}}, source="ops.toml",
                            base_dir=tmp_path)
     assert cfg.alert_key is None
+
+
+def _ops_toml(path: Path, hall, ident, certs: Path, instance: str) -> Path:
+    pki = hall.pki
+    path.write_text(f"""
+[ops]
+instance = "{instance}"
+halls = ["{hall.hall_id}"]
+state_dir = "{path.parent / (instance + '-state')}"
+tick_s = 0.1
+[broker]
+port = {hall.broker.port}
+reconnect_min_s = 0.1
+tls_ca_file = "{pki.chain_file}"
+tls_cert_file = "{ident.cert_path}"
+tls_key_file = "{ident.key_path}"
+[keys]
+ca_chain = "{pki.chain_file}"
+certs = ["{certs}"]
+crl = "{pki.crl_file}"
+[ledger]
+enabled = false
+[metrics]
+enabled = false
+""")
+    return path
+
+
+def _publish_as(hall, ident: str, topic: str, payload: bytes) -> None:
+    creds = hall.tls_for(ident)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=ident,
+                         protocol=MQTTProtocolVersion.MQTTv5)
+    client.tls_set(ca_certs=creds.ca_file, certfile=creds.cert_file, keyfile=creds.key_file)
+    client.connect("127.0.0.1", hall.broker.port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_ops_alerts_prints_verified_transitions_once(hall, tmp_path, caplog):
+    """`hallkiosk ops alerts`: each transition printed once though two monitors raise it; an
+    alert signed by a monitor the ops station does not trust is refused, not printed."""
+    import io
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ops.cli import build_monitor, follow_alerts
+    from ops.config import load_ops_config
+
+    enroll_services(hall, ("mon-8", "monitor"), ("mon-9", "monitor"), ("rogue", "monitor"),
+                    ("ops", "ops"))
+    pki = hall.pki
+    hall.add_kiosk("k11")
+    certs = tmp_path / "certs.pem"
+    certs.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in pki.certs()
+                               if c.subject.rfc4514_string().find("CN=rogue") < 0))
+    mon = build_monitor(load_ops_config(_ops_toml(tmp_path / "mon.toml", hall, pki["mon-8"],
+                                                  certs, "mon-8")), with_ledger=False)
+    feed_cfg = load_ops_config(_ops_toml(tmp_path / "feed.toml", hall, pki["ops"], certs, "ops"))
+    out, stop, connected = io.StringIO(), threading.Event(), threading.Event()
+    feed = threading.Thread(target=follow_alerts, args=(feed_cfg,),
+                            kwargs={"count": 2, "out": out, "stop": stop,
+                                    "connected": connected}, daemon=True)
+    mon.start()
+    feed.start()
+    try:
+        assert mon.wait_connected(10) and connected.wait(10)
+        firing = Alert("paper_out:x:k11:1", "paper_out", "paper", "critical", "firing",
+                       hall.hall_id, "k11", None, 1000, "paper out")
+        with caplog.at_level(logging.WARNING, logger="hallkiosk.ops"):
+            mon.sink.emit(firing)
+            topic = firing.topic
+            _publish_as(hall, "mon-9", topic,
+                        alert_signer(pki["mon-9"].key, "mon-9").seal(topic, "alert", firing.body()))
+            rogue = Alert("hot:x:k11:1", "hot", "temperature", "warning", "firing", hall.hall_id,
+                          "k11", 90_000, 1000, "fake heat")
+            _publish_as(hall, "rogue", topic,
+                        alert_signer(pki["rogue"].key, "rogue").seal(topic, "alert", rogue.body()))
+            wait_for(lambda: any("alert refused" in r.getMessage() for r in caplog.records),
+                     what="the untrusted monitor's alert refused")
+            mon.sink.emit(dataclasses.replace(firing, state="resolved"))
+            feed.join(15)
+        assert not feed.is_alive()
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 2, lines
+        assert "CRITICAL firing" in lines[0] and "k11 paper_out: paper out" in lines[0]
+        assert "resolved" in lines[1] and "fake heat" not in out.getvalue()
+    finally:
+        stop.set()
+        mon.stop()
