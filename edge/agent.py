@@ -229,7 +229,9 @@ class Agent:
         deadlines = [d for d in (self.citizens.next_deadline(), self.sender.next_deadline(),
                                  self.poll.next_deadline()) if d is not None]
         deadlines += self.status.deadlines()
-        deadlines.append(self.telemetry_schedule.next_deadline())
+        if self.link.connected:
+            # Only while connected: a deadline that cannot be served would spin the loop.
+            deadlines.append(self.telemetry_schedule.next_deadline())
         if self.cell is not None and self.cell.next_deadline() is not None:
             deadlines.append(self.cell.next_deadline())
         # The watchdog's liveness check wants a turn at least every loop_stall_s / 2.
@@ -252,7 +254,9 @@ class Agent:
         if changed:
             self.status.refresh()
         self.status.tick()
-        if self.telemetry_schedule.due() and self.link.connected:
+        # Connected first: a slot that falls while the link is down is not used up, and the
+        # next connection sends telemetry with its birth (_on_link_up).
+        if self.link.connected and self.telemetry_schedule.due():
             try:
                 self.publisher.send(self.topics.telemetry, "telemetry", self.telemetry.build(), qos=0)
             except Exception:  # telemetry must never stop the kiosk
@@ -344,6 +348,7 @@ class Agent:
         log.info("broker link up session=%d session_present=%s", self.status.session_no,
                  ev.session_present)
         self.status.refresh(force_publish=True)          # birth: the retained state
+        self.telemetry_schedule.due_now()                # and fresh health with it
         sent = self.sender.flush()
         if sent:
             log.info("re-sent %d unacknowledged tickets", sent)

@@ -365,6 +365,11 @@ class TelemetrySchedule:
     def next_deadline(self) -> float:
         return self._deadline
 
+    def due_now(self) -> None:
+        """Make the next telemetry due at once (on every connection: ops get the kiosk's
+        health with its birth, not up to an interval later)."""
+        self._deadline = self.clock.monotonic()
+
     def due(self) -> bool:
         now = self.clock.monotonic()
         if now < self._deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
 
@@ -230,3 +231,29 @@ def test_signed_telemetry_carries_health_and_outbox(hall):
     kiosk.printer.set_paper("near_end")
     wait_for(lambda: json.loads(rec.of_kind("/telemetry")[-1].payload)["body"]["ticket_printer"]["paper"]
              == "near_end", timeout_s=15, what="paper near end in telemetry")
+
+
+def test_telemetry_goes_out_with_the_birth_when_the_broker_comes_late(hall):
+    """The first telemetry is due 1 s after start, then every 60 s. A kiosk whose broker is
+    not up at that moment must not wait a whole interval once it connects: health goes out
+    with every birth (the QEMU boot showed the 60 s hole)."""
+    hall.broker.stop()
+    kiosk = hall.add_kiosk("k12")
+    agent = kiosk.start_agent()
+    sent: list[tuple[str, float]] = []
+    real_send = agent.publisher.send
+
+    def recording_send(topic, msg_type, body, **kw):
+        sent.append((msg_type, time.monotonic()))
+        return real_send(topic, msg_type, body, **kw)
+
+    agent.publisher.send = recording_send
+    time.sleep(2.0)                      # the first slot passes with no broker
+    assert not agent.link.connected and not [t for t, _ in sent if t == "telemetry"]
+    hall.broker.start()
+    wait_for(lambda: agent.link.connected, timeout_s=15, what="agent connected")
+    up = time.monotonic()
+    wait_for(lambda: [t for t, _ in sent if t == "telemetry"], timeout_s=10,
+             what="telemetry with the birth")
+    first = [at for t, at in sent if t == "telemetry"][0]
+    assert first - up < 10
