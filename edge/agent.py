@@ -68,6 +68,7 @@ class Agent:
         self._printer_flags: frozenset[str] = frozenset()
         ua = cfg.unattended
 
+        tls_check = self._start_tls_check(cfg)      # runs while the rest starts
         self.secret = load_secret(cfg.hall.citizen_hash_secret_file)
         key = load_private_key(cfg.keys.device_key)
         self.store = KioskStore(cfg.kiosk.state_dir / "kiosk.sqlite", clock=clock)
@@ -76,7 +77,7 @@ class Agent:
         self.keyring = Keyring()
         for t in cfg.keys.trusted:
             self.keyring.add(public_from_raw(t.public_key), owner=t.owner, roles=(t.role,))
-        tls = self._load_tls(cfg)
+        tls = self._load_tls(tls_check)
         self.gate = CommandGate(cfg.kiosk.device_id, self.keyring, clock, cfg.commands.window_s,
                                 hall=cfg.kiosk.hall,
                                 nonce_file=cfg.kiosk.state_dir / "cmd-nonces.json")
@@ -139,20 +140,27 @@ class Agent:
                                    poll_interval_s=cfg.reader.poll_interval_s,
                                    timeout_s=cfg.reader.timeout_s, clock=clock)
 
-    def _load_tls(self, cfg: AgentConfig):
-        """mTLS settings, and the hall services' keys from their certificates (chain + CRL
-        checked). Provisioning is imported only on kiosks that use it."""
+    def _start_tls_check(self, cfg: AgentConfig):
+        """Start the certificate checks (edge.tls.TlsCheck, a helper process: the agent itself
+        never imports X.509 code); _load_tls reads the answer."""
         if cfg.tls is None:
             return None
-        from edge.tls import check_tls
-        from provisioning.trust import keyring_from_certs
+        from edge.tls import TlsCheck
 
         t = cfg.tls
-        checked = check_tls(t.ca_file, t.cert_file, cfg.keys.device_key, crl_file=t.crl_file,
-                            device_id=cfg.kiosk.device_id, warn_days=t.warn_days, clock=self.clock)
-        if t.trusted_certs is not None:
-            keyring_from_certs(t.ca_file, [t.trusted_certs], t.crl_file, clock=self.clock,
-                               roles=("consumer", "ops"), keyring=self.keyring)
+        return TlsCheck(ca_file=t.ca_file, cert_file=t.cert_file, key_file=cfg.keys.device_key,
+                        crl_file=t.crl_file, device_id=cfg.kiosk.device_id,
+                        warn_days=t.warn_days, trusted_certs=t.trusted_certs,
+                        trusted_roles=("consumer", "ops"), clock=self.clock).start()
+
+    def _load_tls(self, check):
+        """mTLS settings, and the hall services' keys from their certificates (chain + CRL
+        checked in the helper)."""
+        if check is None:
+            return None
+        checked, trusted = check.result()
+        for t in trusted:
+            self.keyring.add(t.raw, owner=t.owner, roles=t.roles)
         return checked.settings
 
     def _probe(self, name: str):

@@ -27,13 +27,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from edge.clock import SYSTEM_CLOCK, Clock
 from hallkiosk.errors import ContractError, ReplayError, SignatureError
 
+from .ed25519 import Ed25519PublicKey, InvalidSignature, is_private_key, raw_public
 from .schemas import (
     FREE_KEY_RE,
     MAX_PAYLOAD,
@@ -128,22 +125,26 @@ def canonical_bytes(topic: str, envelope: dict[str, Any]) -> bytes:
 
 
 # -- keys -----------------------------------------------------------------------------
-def _raw_public(public_key: Ed25519PublicKey | bytes) -> bytes:
-    if isinstance(public_key, Ed25519PublicKey):
-        return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    if isinstance(public_key, (bytes, bytearray)) and len(public_key) == 32:
-        return bytes(public_key)
-    raise ContractError("public key: expected an Ed25519PublicKey or its 32 raw bytes")
+def _raw_public(public_key: Any) -> bytes:
+    if is_private_key(public_key):
+        raise ContractError("public key: expected an Ed25519PublicKey or its 32 raw bytes")
+    try:
+        return raw_public(public_key)
+    except ValueError:
+        raise ContractError("public key: expected an Ed25519PublicKey or its 32 raw bytes") \
+            from None
 
 
-def key_id(public_key: Ed25519PublicKey | bytes) -> str:
+def key_id(public_key: Any) -> str:
     """16 lowercase hex: the first 8 bytes of SHA-256 over the raw 32-byte public key."""
     return hashlib.sha256(_raw_public(public_key)).digest()[:8].hex()
 
 
 @dataclass(frozen=True, slots=True)
 class KeyEntry:
-    """A public key the hall trusts, who owns it (a device or service id) and its roles."""
+    """A public key the hall trusts, who owns it (a device or service id) and its roles.
+
+    ``public_key`` is a mqtt_topics.ed25519 key (libcrypto through ctypes, see there)."""
 
     kid: str
     owner: str
@@ -158,7 +159,7 @@ class Keyring:
         self._write_lock = threading.Lock()
         self._entries: dict[str, KeyEntry] = {}
 
-    def add(self, public_key: Ed25519PublicKey | bytes, *, owner: str,
+    def add(self, public_key: Any, *, owner: str,
             roles: Iterable[str]) -> KeyEntry:
         """Trust ``public_key`` for ``owner`` with ``roles``; re-adding replaces the roles.
 
@@ -253,9 +254,10 @@ class Signer:
 
     __slots__ = ("_key", "_sender", "_boot", "_next_seq", "_clock", "kid")
 
-    def __init__(self, private_key: Ed25519PrivateKey, *, sender: str, boot_id: str,
+    def __init__(self, private_key: Any, *, sender: str, boot_id: str,
                  next_seq: Callable[[], int], clock: Clock = SYSTEM_CLOCK) -> None:
-        if not isinstance(private_key, Ed25519PrivateKey):
+        # A mqtt_topics.ed25519 key or a cryptography one (provisioning and tests make those).
+        if not is_private_key(private_key):
             raise ContractError("Signer: expected an Ed25519PrivateKey")
         if not isinstance(boot_id, str) or not _BOOT_RE.fullmatch(boot_id):
             raise ContractError("Signer: boot_id must be 32 lowercase hex chars")

@@ -35,13 +35,11 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import Any
 
 from edge.idcard.card import id_number_valid
 from hallkiosk.errors import CardError, HallkioskError
+from mqtt_topics.ed25519 import Ed25519PrivateKey, Ed25519PublicKey, InvalidSignature, raw_public
 
 #: Upper bound of a whole QR payload, in bytes; the longest valid code is 346.
 MAX_QR_BYTES = 512
@@ -98,21 +96,19 @@ class QrRefused(HallkioskError, ValueError):
 
 
 # -- keys ---------------------------------------------------------------------------------
-def qr_key_id(public_key: Ed25519PublicKey | bytes) -> bytes:
+def qr_key_id(public_key: Any) -> bytes:
     """8 bytes: the first 8 of SHA-256 over the raw 32-byte public key (the same key id the
     MQTT envelope prints as 16 hex characters)."""
-    raw = (public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-           if isinstance(public_key, Ed25519PublicKey) else bytes(public_key))
-    if len(raw) != 32:
-        raise ValueError("an Ed25519 public key is 32 raw bytes")
+    raw = raw_public(public_key)     # ValueError unless a public key or 32 raw bytes
     return hashlib.sha256(raw).digest()[:KID_LEN]
 
 
-def trusted_keys(keys: Iterable[Ed25519PublicKey | bytes]) -> dict[bytes, Ed25519PublicKey]:
-    """The ``booking_keys`` / ``eid_keys`` mapping for :func:`parse_qr`: key id -> key."""
+def trusted_keys(keys: Iterable[Any]) -> dict[bytes, Ed25519PublicKey]:
+    """The ``booking_keys`` / ``eid_keys`` mapping for :func:`parse_qr`: key id -> key
+    (public keys of mqtt_topics.ed25519 or cryptography, or their 32 raw bytes)."""
     out: dict[bytes, Ed25519PublicKey] = {}
     for key in keys:
-        pub = key if isinstance(key, Ed25519PublicKey) else Ed25519PublicKey.from_public_bytes(bytes(key))
+        pub = Ed25519PublicKey(raw_public(key))
         out[qr_key_id(pub)] = pub
     return out
 
