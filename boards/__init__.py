@@ -1,7 +1,7 @@
 """Board profiles: which kiosk role sits on which BCM GPIO pin or serial port.
 
 A profile is pure data, one TOML file per board model under ``boards/profiles/`` (shipped as
-package data, found through importlib.resources). This module only loads and checks them;
+package data, found next to this file). This module only loads and checks them;
 nothing here touches hardware. The agent resolves a profile once at start-up
 (``load_board(cfg.kiosk.board)``) and hands pins and port URLs to the drivers it builds.
 
@@ -36,7 +36,6 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -123,8 +122,10 @@ def _gpio_roles(board: BoardProfile) -> list[tuple[str, int]]:
     return roles
 
 
-def _profile_dir():
-    return resources.files(__name__).joinpath(_PROFILES)
+def _profile_dir() -> Path:
+    # Next to this file, not through importlib.resources: the package is never zipped, and
+    # the agent then does not load importlib.resources (with zipfile, tempfile, shutil...).
+    return Path(__file__).with_name(_PROFILES)
 
 
 def _discover() -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from edge.gpio import Indication, ServicePanel, make_pin_factory
 from edge.health import BROKER, CLOCK, PRINTER, READER, STORE, Health, PollSchedule, printer_level
 from edge.idcard_worker import CardUnreadable, IdCardWorker
 from edge.keys import load_private_key, load_secret, public_from_raw
+from edge.lean import release_startup_memory
 from edge.commands import CommandGate, Refusal
 from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, PublishDone, Will
 from edge.printing import PrinterHandle
@@ -128,6 +129,7 @@ class Agent:
                                     mode=lambda: self.status.mode, on_printer=self._on_printer,
                                     store=self.store, clock_trusted=self._trusted)
         self._session_active = False
+        self._memory_released = False
         self.telemetry = TelemetryBuilder(
             agent_version=__version__, config_hash=cfg.digest[:16], clock=clock,
             outbox=lambda: (self.store.depth(), self.store.oldest_age_s(int(self.clock.wall() * 1000))),
@@ -361,6 +363,11 @@ class Agent:
         if sent:
             log.info("re-sent %d unacknowledged tickets", sent)
         self.publisher.flush_events()
+        if not self._memory_released:
+            # Start-up is over once the first connection is made and its birth sent: hand
+            # its garbage back (edge.lean; the agent's resident budget is 30 MB).
+            self._memory_released = True
+            release_startup_memory()
 
     # -- the privacy cell and the staff call -----------------------------------------------------
     def _notice(self, notice) -> None:

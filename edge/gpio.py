@@ -20,7 +20,8 @@ import logging
 from enum import Enum
 from typing import Callable, Mapping
 
-from gpiozero import LED, DigitalInputDevice
+from gpiozero.input_devices import DigitalInputDevice
+from gpiozero.output_devices import LED
 
 from edge.events import ButtonPressed
 

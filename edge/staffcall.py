@@ -31,7 +31,8 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gpiozero import LED, DigitalInputDevice
+from gpiozero.input_devices import DigitalInputDevice
+from gpiozero.output_devices import LED
 
 from edge.clock import Clock
 from edge.gpio import input_pin

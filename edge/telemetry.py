@@ -28,11 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -103,9 +101,27 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
+_DECIMAL_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+
+
+def _fixed(text: str, places: int) -> int:
+    """An unsigned decimal as an int of 10**-places units, exactly (never a float), rounded
+    half to even: '0.52', 2 -> 52. ValueError for anything but digits[.digits] (the kernel
+    writes nothing else; decimal.Decimal would also take 'nan' and '1e9')."""
+    match = _DECIMAL_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a decimal number: {text[:20]!r}")
+    whole, frac = match.group(1), match.group(2) or ""
+    value = int(whole + frac[:places].ljust(places, "0"))
+    rest = frac[places:].rstrip("0")
+    if rest and (rest[0] > "5" or (rest[0] == "5" and (len(rest) > 1 or value % 2 == 1))):
+        value += 1
+    return value
+
+
 def _x100(text: str) -> int:
-    """'0.52' -> 52, exactly (Decimal, never a float)."""
-    return int((Decimal(text) * 100).to_integral_value())
+    """'0.52' -> 52, exactly."""
+    return _fixed(text, 2)
 
 
 def parse_temp_mC(text: str) -> int | None:
@@ -126,7 +142,7 @@ def parse_loadavg(text: str) -> tuple[int, int, int] | None:
     fields = text.split()
     try:
         return _x100(fields[0]), _x100(fields[1]), _x100(fields[2])
-    except (IndexError, InvalidOperation):
+    except (IndexError, ValueError):
         return None
 
 
@@ -158,8 +174,8 @@ def read_meminfo(path: Path) -> dict[str, int]:
 def parse_uptime_s(text: str) -> int | None:
     """/proc/uptime ('1532.70 2718.21') -> 1532 whole seconds since boot."""
     try:
-        return int(Decimal(text.split()[0]))
-    except (IndexError, InvalidOperation):
+        return _fixed(text.split()[0].partition(".")[0], 0)     # whole seconds, truncated
+    except (IndexError, ValueError):
         return None
 
 
@@ -198,7 +214,7 @@ def read_throttled(path: Path | None, *, vcgencmd: str | None,
     """The Pi's throttling flags, from sysfs when the kernel has it, else from ``vcgencmd``.
 
     None when neither exists (not a Pi) or the answer is unusable. ``vcgencmd`` is a path
-    (``shutil.which("vcgencmd")``) or None; it runs with a timeout, never a shell.
+    (``vcgencmd`` on PATH) or None; it runs with a timeout, never a shell.
     """
     if path is not None:
         text = _read_text(path)
@@ -383,6 +399,16 @@ class TelemetrySchedule:
 HealthProbe = Callable[[], Mapping[str, Any]]
 
 
+def _which(name: str) -> str | None:
+    """The executable ``name`` on PATH, or None (shutil.which without importing shutil,
+    whose bz2/lzma imports cost the agent resident memory)."""
+    for folder in os.get_exec_path():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 class TelemetryBuilder:
     """Assembles the contract's telemetry body from the collectors and the agent's figures.
 
@@ -413,7 +439,7 @@ class TelemetryBuilder:
         self._run = run
         self._statvfs = statvfs
         if vcgencmd is None and find_vcgencmd:
-            vcgencmd = shutil.which("vcgencmd")
+            vcgencmd = _which("vcgencmd")
         self._vcgencmd = vcgencmd
         self._throttle_every_s = throttle_every_s
         self._throttle: dict[str, int | bool] | None = None

@@ -9,7 +9,6 @@ systemd-timesyncd / chrony once they discipline it). Read-only call, no privileg
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 TIME_ERROR = 5
@@ -30,7 +29,9 @@ class _Timex(ctypes.Structure):
 
 @functools.cache
 def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The process's own symbols include the C library's adjtimex; ctypes.util.find_library
+    # would run ldconfig in a subprocess and load tempfile and shutil for nothing.
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def clock_trusted() -> bool:

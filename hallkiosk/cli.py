@@ -15,6 +15,9 @@ from hallkiosk.errors import HallkioskError
 
 
 def _agent(args: argparse.Namespace) -> int:
+    from edge.lean import defer_stdlib
+
+    defer_stdlib()          # before paho and gpiozero are imported (see edge.lean)
     from edge.agent import run_agent
     from edge.logs import setup_logging
 

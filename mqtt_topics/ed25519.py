@@ -143,7 +143,7 @@ class Ed25519PublicKey:
         return f"Ed25519PublicKey({self._raw.hex()[:16]}...)"
 
     def __del__(self) -> None:
-        if self._pkey and _LIB is not None:
+        if getattr(self, "_pkey", None) and _LIB is not None:
             _LIB.EVP_PKEY_free(self._pkey)
             self._pkey = None
 
@@ -206,7 +206,7 @@ class Ed25519PrivateKey:
         return "Ed25519PrivateKey(<secret>)"
 
     def __del__(self) -> None:
-        if self._pkey and _LIB is not None:
+        if getattr(self, "_pkey", None) and _LIB is not None:
             _LIB.EVP_PKEY_free(self._pkey)
             self._pkey = None
 

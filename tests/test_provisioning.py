@@ -431,3 +431,36 @@ def test_cli_full_procedure(tmp_path, capsys):
                boot / "k07.csr", "--force")[0] == 0
     code, out = run(capsys, *again)
     assert code == 0, out                       # the replaced device, with its new key
+
+
+def test_agent_helper_process_checks_as_check_tls_and_reads_trusted_keys(ca, tmp_path, clock,
+                                                                         caplog):
+    """The agent's TlsCheck (a child process, so the agent never loads X.509 code) refuses
+    what check_tls refuses, with the same message, and hands over the trusted service keys."""
+    from edge.tls import TlsCheck
+
+    key, _, _ = kiosk_enrolled(ca, tmp_path, clock)
+    boot, key_path = tmp_path / "boot", tmp_path / "kiosk" / "device.key"
+
+    def check(device="k07", at=clock, crl=boot / "crl.pem"):
+        return TlsCheck(ca_file=boot / "ca-chain.pem", cert_file=boot / "device.crt",
+                        key_file=key_path, crl_file=crl, device_id=device, warn_days=30,
+                        trusted_certs=boot / "services.pem", trusted_roles=("consumer", "ops"),
+                        clock=at).start().result()
+
+    checked, trusted = check()
+    assert checked.owner == "k07" and checked.settings.key_file == str(key_path)
+    assert [(t.owner, t.roles) for t in trusted] == [("ops-1", ("ops",))]
+    ops_cert = x509.load_pem_x509_certificate((boot / "services.pem").read_bytes())
+    assert key_id(trusted[0].raw) == key_id(ops_cert.public_key())
+
+    with pytest.raises(ConfigError, match="this kiosk is 'k08'"):
+        check(device="k08")
+    with pytest.raises(ConfigError, match="expired"):
+        check(at=ManualClock(start_wall=clock.wall() + 400 * 86400))
+    with caplog.at_level("WARNING", logger="hallkiosk.tls"):
+        check(at=ManualClock(start_wall=clock.wall() + 340 * 86400), crl=None)
+    assert any("renew" in r.getMessage() for r in caplog.records)   # relayed from the child
+    (boot / "ca-chain.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="ca-chain.pem|device.crt"):
+        check()

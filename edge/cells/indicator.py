@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from gpiozero import LED
+from gpiozero.output_devices import LED
 
 from edge.cells.occupancy import Indication
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from gpiozero import DigitalInputDevice
+from gpiozero.input_devices import DigitalInputDevice
 
 from edge.cells.debounce import ContactEdge
 from edge.cells.occupancy import SensorReading

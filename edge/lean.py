@@ -1,0 +1,151 @@
+"""Keep the long-running agent small: defer standard-library modules it never uses.
+
+The agent's memory budget is 30 MB resident (a Pi Zero 2 W has 512 MB for everything). Two
+of its libraries import, at their top, standard modules that the agent's code paths never
+call, and those cost more resident memory than the agent's own code:
+
+- paho-mqtt imports ``urllib.request`` (which brings ``http.client`` and the ``email``
+  package) only to read proxy settings, and reads them only when PySocks is installed;
+- gpiozero imports ``importlib.metadata`` (``email``, ``zipfile``, ``csv``...) to look up pin
+  factories by entry-point name, ``statistics`` (``fractions``, ``decimal``) for the
+  averaging of analogue sensors, ``colorzero`` for RGB LEDs and ``importlib.resources`` for
+  its board data;
+- ``difflib`` serves only the "did you mean" of a configuration error;
+- gpiozero's own package ``__init__`` imports every device family it has.
+
+``defer_stdlib()`` installs, before those libraries are imported, stand-ins that load the
+real module the first time anything in it is used, so behaviour never changes, only the
+moment of loading: a name imported with ``from x import name`` becomes a small function that
+loads ``x`` when called. It is called by ``hallkiosk agent`` only (tests and tools import
+normally), and does nothing for a module that is already loaded. Measured by ``make bench``
+(idle RSS) and checked by tests/test_lean.py, which also proves the stand-ins load the real
+thing when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+#: module -> the names other modules take from it with ``from module import name``
+#: (each must be a function there: it is replaced by a loader that calls the real one).
+DEFERRED: dict[str, tuple[str, ...]] = {
+    "urllib.request": (),
+    "importlib.metadata": ("entry_points",),
+    "statistics": ("median", "mean"),
+    "importlib.resources": ("files", "as_file"),
+    "colorzero": ("Color",),        # gpiozero's RGBLED only (fractions, decimal)
+    "uuid": (),                     # paho: random client ids, websockets; ours are fixed
+    "difflib": ("get_close_matches",),   # "did you mean" in config errors
+    # gpiozero's package __init__ imports every device family (boards, SPI, tones, internal
+    # devices...): the agent imports the modules it uses directly (gpiozero.input_devices,
+    # gpiozero.output_devices, gpiozero.pins.*), and the package body runs only if some
+    # code asks the package itself for a name.
+    "gpiozero": (),
+    # argparse's help formatter imports shutil (terminal size), which imports the bz2 and
+    # lzma modules (and their C libraries) only to learn that archives could be made.
+    "bz2": (),
+    "lzma": (),
+}
+
+_lock = threading.RLock()
+
+
+class _Deferred(types.ModuleType):
+    """A stand-in module: any attribute access loads the real module and answers from it."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            # The import system probes dunders (__path__, __file__...) on every from-import;
+            # answering them must not load the module.
+            raise AttributeError(name)
+        real = _load(self.__name__)
+        return getattr(real, name)
+
+    def __dir__(self) -> list[str]:
+        return dir(_load(self.__name__))
+
+
+def _load(name: str) -> types.ModuleType:
+    """Replace the stand-in of ``name`` by the real module (once) and return it."""
+    with _lock:
+        current = sys.modules.get(name)
+        if current is not None and not isinstance(current, _Deferred):
+            return current
+        stand_in = current
+        sys.modules.pop(name, None)
+        try:
+            real = importlib.import_module(name)
+        except BaseException:
+            if stand_in is not None:
+                sys.modules[name] = stand_in
+            raise
+        parent, _, child = name.rpartition(".")
+        if parent and parent in sys.modules:
+            setattr(sys.modules[parent], child, real)
+        # Submodules imported while the stand-in was there were bound on the stand-in, and
+        # the import system binds a submodule on its package only on its first import.
+        prefix = name + "."
+        for sub, module in list(sys.modules.items()):
+            if sub.startswith(prefix) and "." not in sub[len(prefix):] \
+                    and not hasattr(real, sub[len(prefix):]):
+                setattr(real, sub[len(prefix):], module)
+        return real
+
+
+def _forward(module: str, attr: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_load(module), attr)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = f"Loads {module} on first use, then calls {module}.{attr}."
+    return call
+
+
+def defer_stdlib(modules: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Install stand-ins for ``modules`` (default DEFERRED) that are not loaded yet; return
+    the names deferred."""
+    done = []
+    with _lock:
+        for name, names in (DEFERRED if modules is None else modules).items():
+            spec = None if name in sys.modules else importlib.util.find_spec(name)
+            if spec is None:
+                continue
+            stand_in = _Deferred(name)
+            stand_in.__spec__ = spec          # find_spec() of a loaded module reads this
+            if spec.submodule_search_locations is not None:
+                stand_in.__path__ = list(spec.submodule_search_locations)
+            for attr in names:
+                setattr(stand_in, attr, _forward(name, attr))
+            sys.modules[name] = stand_in
+            parent, _, child = name.rpartition(".")
+            if parent:
+                setattr(importlib.import_module(parent), child, stand_in)
+            done.append(name)
+    return done
+
+
+def loaded(name: str) -> bool:
+    """Whether the real ``name`` has been loaded (False while only its stand-in is there)."""
+    module = sys.modules.get(name)
+    return module is not None and not isinstance(module, _Deferred)
+
+
+def release_startup_memory() -> bool:
+    """Collect the garbage of starting up and hand free heap pages back to the kernel
+    (glibc ``malloc_trim``); False where the C library has no malloc_trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    trim(0)
+    return True
