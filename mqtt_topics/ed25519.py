@@ -82,6 +82,22 @@ def _clear_errors() -> None:
     _LIB.ERR_clear_error()
 
 
+def _new_pkey(constructor: Any, key: bytes, what: str) -> Any:
+    """An EVP_PKEY from raw key bytes (EVP_PKEY_new_raw_public_key / _private_key)."""
+    pkey = constructor(EVP_PKEY_ED25519, None, key, KEY_LEN)
+    if not pkey:
+        _clear_errors()
+        raise ValueError(f"not an Ed25519 {what} key")
+    return pkey
+
+
+def _free_pkey(key: Any) -> None:
+    # __del__ of both classes: also runs for an object whose __init__ raised.
+    if getattr(key, "_pkey", None) and _LIB is not None:
+        _LIB.EVP_PKEY_free(key._pkey)
+        key._pkey = None
+
+
 class Ed25519PublicKey:
     """A public key (32 raw bytes); ``verify`` raises InvalidSignature on a mismatch."""
 
@@ -98,11 +114,7 @@ class Ed25519PublicKey:
             from cryptography.hazmat.primitives.asymmetric import ed25519
             self._fallback = ed25519.Ed25519PublicKey.from_public_bytes(raw)
             return
-        pkey = _LIB.EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, None, raw, KEY_LEN)
-        if not pkey:
-            _clear_errors()
-            raise ValueError("not an Ed25519 public key")
-        self._pkey = pkey
+        self._pkey = _new_pkey(_LIB.EVP_PKEY_new_raw_public_key, raw, "public")
 
     @classmethod
     def from_public_bytes(cls, raw: bytes) -> Ed25519PublicKey:
@@ -121,6 +133,7 @@ class Ed25519PublicKey:
             return
         if len(signature) != SIGNATURE_LEN:
             raise InvalidSignature()
+        data = bytes(data)
         ctx = _LIB.EVP_MD_CTX_new()
         if not ctx:
             raise MemoryError("EVP_MD_CTX_new failed")
@@ -142,10 +155,7 @@ class Ed25519PublicKey:
     def __repr__(self) -> str:
         return f"Ed25519PublicKey({self._raw.hex()[:16]}...)"
 
-    def __del__(self) -> None:
-        if getattr(self, "_pkey", None) and _LIB is not None:
-            _LIB.EVP_PKEY_free(self._pkey)
-            self._pkey = None
+    __del__ = _free_pkey
 
 
 class Ed25519PrivateKey:
@@ -164,11 +174,7 @@ class Ed25519PrivateKey:
             self._fallback = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
             self._public = Ed25519PublicKey(self._fallback.public_key().public_bytes_raw())
             return
-        pkey = _LIB.EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, None, seed, KEY_LEN)
-        if not pkey:
-            _clear_errors()
-            raise ValueError("not an Ed25519 private key")
-        self._pkey = pkey
+        pkey = self._pkey = _new_pkey(_LIB.EVP_PKEY_new_raw_private_key, seed, "private")
         out = ctypes.create_string_buffer(KEY_LEN)
         size = ctypes.c_size_t(KEY_LEN)
         if _LIB.EVP_PKEY_get_raw_public_key(pkey, out, ctypes.byref(size)) != 1:
@@ -205,13 +211,27 @@ class Ed25519PrivateKey:
     def __repr__(self) -> str:
         return "Ed25519PrivateKey(<secret>)"
 
-    def __del__(self) -> None:
-        if getattr(self, "_pkey", None) and _LIB is not None:
-            _LIB.EVP_PKEY_free(self._pkey)
-            self._pkey = None
+    __del__ = _free_pkey
 
 
 # -- keys from either side ---------------------------------------------------------------------
+def _kind(key: Any) -> str | None:
+    """"private" / "public" for an Ed25519 key of this module or of ``cryptography`` (told
+    apart by type, without importing cryptography), else None."""
+    if isinstance(key, Ed25519PrivateKey):
+        return "private"
+    if isinstance(key, Ed25519PublicKey):
+        return "public"
+    t = type(key)
+    if t.__module__.startswith("cryptography."):
+        name = t.__name__.lower()
+        if name == "ed25519privatekey":
+            return "private"
+        if name == "ed25519publickey":
+            return "public"
+    return None
+
+
 def raw_public(key: Any) -> bytes:
     """The 32 raw bytes of a public key given as raw bytes, a key of this module, or a
     ``cryptography`` Ed25519 public or private key (ValueError for anything else)."""
@@ -219,28 +239,12 @@ def raw_public(key: Any) -> bytes:
         if len(key) != KEY_LEN:
             raise ValueError("an Ed25519 public key is 32 raw bytes")
         return bytes(key)
-    if isinstance(key, Ed25519PrivateKey):
-        return key.public_key().public_bytes_raw()
-    if isinstance(key, Ed25519PublicKey):
-        return key.public_bytes_raw()
-    # cryptography's objects, recognised without importing cryptography.
-    module = type(key).__module__
-    if module.startswith("cryptography.") and "ed25519" in type(key).__name__.lower():
-        pub = key.public_key() if hasattr(key, "sign") else key
-        return pub.public_bytes_raw()
-    raise ValueError(f"expected an Ed25519 key or its 32 raw bytes, found {type(key).__name__}")
+    kind = _kind(key)
+    if kind is None:
+        raise ValueError(f"expected an Ed25519 key or its 32 raw bytes, found {type(key).__name__}")
+    return (key.public_key() if kind == "private" else key).public_bytes_raw()
 
 
 def is_private_key(key: Any) -> bool:
     """Whether ``key`` is an Ed25519 private key of this module or of ``cryptography``."""
-    if isinstance(key, Ed25519PrivateKey):
-        return True
-    t = type(key)
-    return t.__module__.startswith("cryptography.") and "ed25519privatekey" in t.__name__.lower()
-
-
-def is_public_key(key: Any) -> bool:
-    if isinstance(key, Ed25519PublicKey):
-        return True
-    t = type(key)
-    return t.__module__.startswith("cryptography.") and "ed25519publickey" in t.__name__.lower()
+    return _kind(key) == "private"
