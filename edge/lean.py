@@ -11,7 +11,14 @@ call, and those cost more resident memory than the agent's own code:
   averaging of analogue sensors, ``colorzero`` for RGB LEDs and ``importlib.resources`` for
   its board data;
 - ``difflib`` serves only the "did you mean" of a configuration error;
-- gpiozero's own package ``__init__`` imports every device family it has.
+- ``inspect`` and ``linecache`` import ``tokenize``, ``urllib.parse`` imports ``ipaddress``,
+  for work the agent never asks of them;
+- gpiozero's own package ``__init__`` imports every device family it has;
+- argparse's help formatter imports ``shutil``, which imports ``bz2`` and ``lzma`` (and their
+  C libraries) only to learn that archives could be made;
+- ``socket.getaddrinfo`` encodes a host name with the ``idna`` codec, whose module imports
+  ``stringprep`` and ``unicodedata`` (nameprep tables) even for "127.0.0.1"; an ASCII name
+  never needs them (``_AsciiIdna``).
 
 ``defer_stdlib()`` installs, before those libraries are imported, stand-ins that load the
 real module the first time anything in it is used, so behaviour never changes, only the
@@ -48,9 +55,17 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     # code asks the package itself for a name.
     "gpiozero": (),
     # argparse's help formatter imports shutil (terminal size), which imports the bz2 and
-    # lzma modules (and their C libraries) only to learn that archives could be made.
+    # lzma modules (and their C libraries) only to learn that archives could be made: the
+    # agent's command line is parsed after defer_stdlib() (hallkiosk.cli.main).
     "bz2": (),
     "lzma": (),
+    # inspect (dataclasses and gpiozero need it) and linecache import tokenize at their top
+    # for reading source files (getsource, a traceback's source lines); urllib.parse
+    # (pathlib) imports ipaddress for bracketed hosts in URLs. (inspect needs ast at import:
+    # it subclasses ast.NodeVisitor.)
+    "tokenize": (),
+    "token": (),
+    "ipaddress": (),
 }
 
 _lock = threading.RLock()
@@ -126,7 +141,55 @@ def defer_stdlib(modules: dict[str, tuple[str, ...]] | None = None) -> list[str]
             if parent:
                 setattr(importlib.import_module(parent), child, stand_in)
             done.append(name)
+        if "encodings.idna" not in sys.modules:
+            sys.modules["encodings.idna"] = _AsciiIdna("encodings.idna")
+            done.append("encodings.idna")
     return done
+
+
+class _AsciiIdna(_Deferred):
+    """Stand-in for ``encodings.idna``: the codec's fast path for ASCII names (the same
+    checks, byte for byte: Python's own codec encodes an ASCII name as itself after checking
+    label lengths), and the real module for anything else, loaded on first need.
+
+    The codec registry caches what ``getregentry`` returns, so the CodecInfo built here stays
+    the ``idna`` codec for the life of the process: its slow path and its incremental and
+    stream classes call into the real module rather than being replaced by it.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "getaliases":
+            # The codec search asks for it; the real module has none either.
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+    def getregentry(self) -> Any:
+        import codecs
+
+        def encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
+            if errors == "strict" and type(text) is str and text.isascii():
+                labels = text.split(".")
+                if all(0 < len(label) < 64 for label in labels[:-1]) and len(labels[-1]) < 64:
+                    return text.encode("ascii"), len(text)
+            return _real_idna().Codec().encode(text, errors)
+
+        def decode(data: bytes, errors: str = "strict") -> tuple[str, int]:
+            return _real_idna().Codec().decode(data, errors)
+
+        def lazy(cls_name: str) -> Callable[..., Any]:
+            def make(*args: Any, **kwargs: Any) -> Any:
+                return getattr(_real_idna(), cls_name)(*args, **kwargs)
+            return make
+
+        return codecs.CodecInfo(name="idna", encode=encode, decode=decode,
+                                incrementalencoder=lazy("IncrementalEncoder"),
+                                incrementaldecoder=lazy("IncrementalDecoder"),
+                                streamwriter=lazy("StreamWriter"),
+                                streamreader=lazy("StreamReader"))
+
+
+def _real_idna() -> types.ModuleType:
+    return _load("encodings.idna")
 
 
 def loaded(name: str) -> bool:
@@ -149,3 +212,35 @@ def release_startup_memory() -> bool:
     trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
     trim(0)
     return True
+
+
+#: What the agent process imports at start and later (the X.509 helper is its own process).
+AGENT_ENTRY_MODULES = ("hallkiosk.cli", "edge.agent", "edge.tls")
+
+
+def precompile(optimize: int = 2) -> list[str]:
+    """Write the bytecode of every module the agent loads, at ``optimize`` (2 = ``-OO``, what
+    the systemd unit runs with), so the agent never compiles at start: its unit runs with
+    PYTHONDONTWRITEBYTECODE on a read-only root, and Debian ships only ``-O0`` bytecode for
+    the standard library. Returns the source files compiled (or found current)."""
+    import py_compile
+
+    defer_stdlib()
+    for name in AGENT_ENTRY_MODULES:
+        importlib.import_module(name)
+    for name in DEFERRED:
+        _load(name)                   # used later (or never): compiled all the same
+    _real_idna()
+    files = sorted({f for m in list(sys.modules.values())
+                    if isinstance(f := getattr(m, "__file__", None), str) and f.endswith(".py")})
+    for path in files:
+        target = importlib.util.cache_from_source(path, optimization="" if optimize == 0
+                                                  else optimize)
+        py_compile.compile(path, cfile=target, optimize=optimize, doraise=True)
+    return files
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--precompile"]:
+        sys.exit("usage: python -m edge.lean --precompile")
+    print(f"edge.lean: {len(precompile())} modules compiled for python -OO")

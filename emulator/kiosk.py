@@ -199,7 +199,8 @@ trust = "{clock_trust}"
 
     # -- the agent as its own process (for crashes, RSS and CPU) -------------------------------
     def spawn_agent(self, *, env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
-        full_env = dict(os.environ)
+        # As the kiosk's systemd unit runs it: -OO (deploy/systemd/hallkiosk.service).
+        full_env = dict(os.environ, PYTHONOPTIMIZE="2")
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hallkiosk.cli", "agent", "--config", str(self.config_path)],

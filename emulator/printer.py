@@ -21,9 +21,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.printer.escpos import (LINE_COLUMNS, Alignment, AsbEnable, Cut, EscPosParser, Feed, Init,
-                                 Oversized, PrinterStatus, QrErrorLevel, QrModel, QrModuleSize, QrPrint,
-                                 QrStore, StatusRequest, Text, Unknown, encode_asb, encode_status)
+from edge.printer.escpos import LINE_COLUMNS, Alignment, PrinterStatus, encode_asb, encode_status
+from edge.printer.parser import (AsbEnable, Cut, EscPosParser, Feed, Init, Oversized, QrErrorLevel,
+                                 QrModel, QrModuleSize, QrPrint, QrStore, StatusRequest, Text,
+                                 Unknown)
 from emulator.pty import PtyDevice
 
 PAPER_DOTS = 576            # 80 mm paper at 203 dpi

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.printer.escpos import (MAX_BUFFERED, MAX_GS_K_LENGTH, OP_TYPES, Align, Alignment, AsbBlock,
-                                 AsbEnable,
-                                 Bold, Cut, EscPos, EscPosParser, Feed, Init, InboundSplitter, Oversized,
-                                 PrinterStatus, QrErrorLevel, QrModel, QrModuleSize, QrPrint, QrStore,
-                                 SetSize, StatusAnswer, StatusRequest, StrayByte, Text, TicketLayout,
-                                 Unknown, asb_enable, decode_asb, decode_status, encode_asb,
+from edge.printer.escpos import (MAX_BUFFERED, MAX_GS_K_LENGTH, Alignment, AsbBlock, EscPos,
+                                 InboundSplitter, PrinterStatus, StatusAnswer, StrayByte,
+                                 TicketLayout, asb_enable, decode_asb, decode_status, encode_asb,
                                  encode_status, is_asb_first_byte, render_ticket, status_query)
+from edge.printer.parser import (OP_TYPES, Align, AsbEnable, Bold, Cut, EscPosParser, Feed, Init,
+                                 Oversized, QrErrorLevel, QrModel, QrModuleSize, QrPrint, QrStore,
+                                 SetSize, StatusRequest, Text, Unknown)
 from hallkiosk.errors import ProtocolError
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -141,15 +141,26 @@ def test_unusable_key_files_get_a_clear_error(tmp_path, make, message):
 
 # -- deferred standard modules -----------------------------------------------------------------------
 LEAN_PROBE = """
-import json, sys
+import codecs, json, sys
 from edge.lean import defer_stdlib, loaded, DEFERRED
 deferred = defer_stdlib()
 import paho.mqtt.client
 import edge.gpio, edge.staffcall, edge.cells.sensors, edge.cells.indicator, edge.config
 from gpiozero.pins.mock import MockFactory
+import edge.agent, socket
+from edge.printer.escpos import TicketLayout, render_ticket
+render_ticket(TicketLayout(hall_name="H", service_name="S", ticket_number="A-07-0001",
+                           issued_at="09:41", waiting_ahead=0, qr_data="HK1:A-07-0001:x"))
+socket.getaddrinfo("localhost", 1883)      # encodes the host name with the idna codec
 before = {m: loaded(m) for m in DEFERRED}
-heavy = sorted(m for m in ("email", "http.client", "zipfile", "decimal", "gpiozero.boards")
+heavy = sorted(m for m in ("email", "http.client", "zipfile", "decimal", "gpiozero.boards",
+                           "stringprep", "unicodedata", "segno", "edge.printer.parser")
                if m in sys.modules)
+idna_lean = not loaded("encodings.idna")
+idna = {"ascii": "Kiosk-07.hall.local".encode("idna").decode(),
+        "unicode": "bücher.example".encode("idna").decode(),
+        "incremental": codecs.getincrementalencoder("idna")().encode("bücher.", True).decode(),
+        "decoded": b"xn--bcher-kva.example".decode("idna")}
 import importlib.util
 spec_ok = importlib.util.find_spec("statistics") is not None
 from statistics import median          # a from-import of a deferred module still works
@@ -159,7 +170,8 @@ import gpiozero.output_devices
 print(json.dumps({"deferred": deferred, "before": before, "heavy": heavy, "spec_ok": spec_ok,
                   "median": value, "statistics": loaded("statistics"),
                   "gpiozero": loaded("gpiozero"),
-                  "same_led": LED is gpiozero.output_devices.LED}))
+                  "same_led": LED is gpiozero.output_devices.LED, "idna_lean": idna_lean,
+                  "idna": idna}))
 """
 
 
@@ -173,6 +185,90 @@ def test_deferred_modules_stay_unloaded_until_used_and_then_work():
     assert got["heavy"] == []
     assert got["spec_ok"] and got["median"] == 2 and got["statistics"]
     assert got["gpiozero"] and got["same_led"]
+    # The ASCII fast path of the idna codec answered getaddrinfo; a non-ASCII name then loaded
+    # the real codec, through the same registry entry.
+    assert got["idna_lean"]
+    assert got["idna"] == {"ascii": "Kiosk-07.hall.local", "unicode": "xn--bcher-kva.example",
+                           "incremental": "xn--bcher-kva.", "decoded": "bücher.example"}
+
+
+@given(st.text(st.sampled_from("abcXYZ09-._\u00e9"), max_size=80))
+def test_lean_idna_encodes_as_the_real_codec(name):
+    import encodings.idna as real
+
+    from edge.lean import _AsciiIdna
+
+    lean = _AsciiIdna("encodings.idna").getregentry()
+    try:
+        expected = real.Codec().encode(name)
+    except UnicodeError as exc:
+        with pytest.raises(UnicodeError):
+            lean.encode(name)
+        assert exc                      # the same refusal
+    else:
+        assert lean.encode(name) == expected
+
+
+# -- the agent's command line without argparse ----------------------------------------------------
+_AGENT_TOKENS = st.sampled_from(["--config", "--config=/etc/k.toml", "/tmp/a.toml", "--log-level",
+                                 "debug", "warning", "loud", "--log-level=error", "-h", "--conf",
+                                 "--", "-x", "--config=", "agent"])
+
+
+@given(st.lists(_AGENT_TOKENS, max_size=6))
+def test_agent_args_agree_with_argparse(tokens):
+    from hallkiosk.cli import agent_args, build_parser
+
+    argv = ["agent", *tokens]
+    fast = agent_args(argv)
+    if fast is None:
+        return                          # argparse answers these (help, errors, abbreviations)
+    full = build_parser(tools=False).parse_args(argv)
+    assert (fast.command, fast.config, fast.log_level, fast.func) == \
+        (full.command, full.config, full.log_level, full.func)
+
+
+def test_agent_args_leave_help_and_errors_to_argparse():
+    from hallkiosk.cli import agent_args
+
+    assert agent_args(["agent"]).config == Path("/etc/hallkiosk/agent.toml")
+    assert agent_args(["agent", "--config", "k.toml", "--log-level", "debug"]).log_level == "debug"
+    for argv in (["agent", "--help"], ["agent", "--config"], ["agent", "--log-level", "loud"],
+                 ["agent", "--conf", "k.toml"], ["check-config"], []):
+        assert agent_args(argv) is None, argv
+
+
+# -- QR symbol size without an encoder ------------------------------------------------------------
+@given(st.one_of(st.text("0123456789", max_size=3000).map(str.encode),
+                 st.text("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:", max_size=4500)
+                 .map(str.encode),
+                 st.binary(max_size=2400), st.text(max_size=400).map(str.encode)))
+def test_qr_version_is_what_an_encoder_picks(data):
+    import segno
+
+    from edge.printer.escpos import qr_version
+
+    try:
+        expected = segno.make(data, error="m", micro=False, boost_error=False, mask=0).version
+    except segno.DataOverflowError:
+        with pytest.raises(ValueError, match="does not fit"):
+            qr_version(data)
+    else:
+        assert qr_version(data) == expected
+
+
+# -- bytecode for -OO ------------------------------------------------------------------------------
+def test_precompile_writes_opt2_bytecode_of_what_the_agent_loads(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "edge.lean", "--precompile"], cwd=REPO,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPYCACHEPREFIX": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout
+    assert "modules compiled for python -OO" in out
+    written = {p.name for p in tmp_path.rglob("*.opt-2.pyc")}
+    for module in ("agent", "mqtt", "tls", "client", "ssl", "dbapi2", "request"):
+        assert any(name.startswith(module + ".") for name in written), module
+    agent_pyc = tmp_path / str(REPO / "edge").lstrip("/") / \
+        f"agent.{sys.implementation.cache_tag}.opt-2.pyc"
+    assert agent_pyc.is_file()
 
 
 # -- telemetry numbers without decimal ---------------------------------------------------------------
@@ -199,3 +295,8 @@ def test_agent_process_never_maps_cryptography(hall):
     maps = Path(f"/proc/{proc.pid}/maps").read_text()
     assert "libcrypto" in maps                      # Ed25519 and TLS: OpenSSL, once
     assert "cryptography" not in maps and "_cffi_backend" not in maps
+    # Deferred before its command line was read (argparse -> shutil -> bz2, lzma) and its
+    # broker address resolved (idna -> unicodedata).
+    for lib in ("_bz2", "_lzma", "unicodedata"):
+        assert lib not in maps, lib
+    assert "PYTHONOPTIMIZE=2" in Path(f"/proc/{proc.pid}/environ").read_text().replace("\0", " ")

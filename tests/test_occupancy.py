@@ -254,7 +254,9 @@ def test_invariants_hold_for_any_history(history):
             if t.new is L:
                 leaving_since = clock.monotonic()
             if t.new is V:
-                assert clock.monotonic() - leaving_since >= timings.hold_s
+                # Advancing the clock by (deadline - now) lands within a rounding error of
+                # the deadline (hypothesis found 19.999999999999886 for a 20 s hold).
+                assert clock.monotonic() - leaving_since >= timings.hold_s - 1e-9
         # Never vacant while someone is evidently there, never occupied with nobody for a hold.
         if m.state is V:
             assert not m.session_claim
