@@ -140,8 +140,11 @@ fi
 run "$PREFIX/bin/pip" install --disable-pip-version-check --no-cache-dir --upgrade "$SRC"
 # The unit runs the agent with PYTHONOPTIMIZE=2 (no docstrings: 0.7 MB less resident) and
 # PYTHONDONTWRITEBYTECODE on a read-only root, so its bytecode is written here, once, for
-# every module it loads (the standard library's too: Debian ships only -O0 bytecode).
-run "$PREFIX/bin/python" -m edge.lean --precompile
+# every module it loads (the standard library's too: Debian ships only -O0 bytecode). -P: the
+# installed package, not a checkout in the current directory. After a Python upgrade from
+# apt, run install.sh again (dpkg does not know these files; the agent still runs without
+# them, compiling at each start).
+run "$PREFIX/bin/python" -P -m edge.lean --precompile
 
 # -- 3. config directory ---------------------------------------------------------------------
 if [ "$WRITE" = 1 ]; then install -d -m 0750 "$ROOT/etc/hallkiosk"; fi

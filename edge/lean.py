@@ -64,7 +64,6 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     # (pathlib) imports ipaddress for bracketed hosts in URLs. (inspect needs ast at import:
     # it subclasses ast.NodeVisitor.)
     "tokenize": (),
-    "token": (),
     "ipaddress": (),
 }
 
@@ -75,9 +74,10 @@ class _Deferred(types.ModuleType):
     """A stand-in module: any attribute access loads the real module and answers from it."""
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") and name.endswith("__"):
+        if name.startswith("__") and name.endswith("__") and name != "__all__":
             # The import system probes dunders (__path__, __file__...) on every from-import;
-            # answering them must not load the module.
+            # answering them must not load the module. (__all__ is asked by a star-import,
+            # which needs the real names.)
             raise AttributeError(name)
         real = _load(self.__name__)
         return getattr(real, name)
@@ -142,7 +142,9 @@ def defer_stdlib(modules: dict[str, tuple[str, ...]] | None = None) -> list[str]
                 setattr(importlib.import_module(parent), child, stand_in)
             done.append(name)
         if "encodings.idna" not in sys.modules:
-            sys.modules["encodings.idna"] = _AsciiIdna("encodings.idna")
+            idna = _AsciiIdna("encodings.idna")
+            idna.__spec__ = importlib.util.find_spec("encodings.idna")
+            sys.modules["encodings.idna"] = idna
             done.append("encodings.idna")
     return done
 
@@ -214,8 +216,10 @@ def release_startup_memory() -> bool:
     return True
 
 
-#: What the agent process imports at start and later (the X.509 helper is its own process).
-AGENT_ENTRY_MODULES = ("hallkiosk.cli", "edge.agent", "edge.tls")
+#: What the agent process imports, and its X.509 helper (``python -m edge.tls``, which runs
+#: with the agent's environment, so at -OO too, and imports provisioning's readers lazily).
+AGENT_ENTRY_MODULES = ("hallkiosk.cli", "edge.agent", "edge.tls", "provisioning.ca",
+                       "provisioning.crl", "provisioning.errors", "provisioning.trust")
 
 
 def precompile(optimize: int = 2) -> list[str]:

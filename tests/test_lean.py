@@ -162,7 +162,10 @@ idna = {"ascii": "Kiosk-07.hall.local".encode("idna").decode(),
         "incremental": codecs.getincrementalencoder("idna")().encode("bücher.", True).decode(),
         "decoded": b"xn--bcher-kva.example".decode("idna")}
 import importlib.util
-spec_ok = importlib.util.find_spec("statistics") is not None
+spec_ok = (importlib.util.find_spec("statistics") is not None
+           and importlib.util.find_spec("encodings.idna") is not None)
+import io, tokenize                    # a star-import inside a late-loaded module
+tokens = len(list(tokenize.generate_tokens(io.StringIO("a = 1\\n").readline)))
 from statistics import median          # a from-import of a deferred module still works
 value = median([3, 1, 2])
 from gpiozero import LED               # so does the package gpiozero itself
@@ -171,7 +174,7 @@ print(json.dumps({"deferred": deferred, "before": before, "heavy": heavy, "spec_
                   "median": value, "statistics": loaded("statistics"),
                   "gpiozero": loaded("gpiozero"),
                   "same_led": LED is gpiozero.output_devices.LED, "idna_lean": idna_lean,
-                  "idna": idna}))
+                  "idna": idna, "tokens": tokens}))
 """
 
 
@@ -188,6 +191,7 @@ def test_deferred_modules_stay_unloaded_until_used_and_then_work():
     # The ASCII fast path of the idna codec answered getaddrinfo; a non-ASCII name then loaded
     # the real codec, through the same registry entry.
     assert got["idna_lean"]
+    assert got["tokens"] == 5           # NAME OP NUMBER NEWLINE ENDMARKER
     assert got["idna"] == {"ascii": "Kiosk-07.hall.local", "unicode": "xn--bcher-kva.example",
                            "incremental": "xn--bcher-kva.", "decoded": "bücher.example"}
 
@@ -264,8 +268,10 @@ def test_precompile_writes_opt2_bytecode_of_what_the_agent_loads(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "modules compiled for python -OO" in out
     written = {p.name for p in tmp_path.rglob("*.opt-2.pyc")}
-    for module in ("agent", "mqtt", "tls", "client", "ssl", "dbapi2", "request"):
+    for module in ("agent", "mqtt", "tls", "client", "ssl", "dbapi2", "request", "trust"):
         assert any(name.startswith(module + ".") for name in written), module
+    # The X.509 helper's cryptography, which it imports only when it runs.
+    assert any(p.parent.name == "x509" for p in tmp_path.rglob("*.opt-2.pyc"))
     agent_pyc = tmp_path / str(REPO / "edge").lstrip("/") / \
         f"agent.{sys.implementation.cache_tag}.opt-2.pyc"
     assert agent_pyc.is_file()
