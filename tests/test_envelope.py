@@ -674,3 +674,119 @@ def test_fast_json_checks_bound_the_depth(depth):
     else:
         with pytest.raises(ContractError, match="nested deeper"):
             _parse(text.encode())
+
+
+# -- the schemas' fast acceptance agrees with their full check ---------------------------------
+_LEAF = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**60, 2**60), st.floats(allow_nan=False),
+    st.sampled_from([0, 1, -1, 2**53 - 1, 2**53, -(2**53 - 1), -(2**53), 1234]),
+    st.text(st.sampled_from("aZ09_-.:/ \t\n\x00\x7f\u00e9\ud800"), max_size=70),
+    st.sampled_from(["ok", "yes", "normal", "idcard", "warning", "ab" * 32, "kiosk-07:1234",
+                     "0123456789abcdef"]))
+_JSONISH = st.recursive(
+    _LEAF,
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text("abz_09.-", min_size=0, max_size=8), inner,
+                                            max_size=4)),
+    max_leaves=12)
+_ALL_BODIES = {**BODIES, **{t: body for t, (_, _, body) in HALL_BODIES.items()}}
+
+
+def _mutate(body: Any, data: st.DataObject) -> Any:
+    """``body`` with one change somewhere inside: a value replaced, a key dropped or added,
+    a list item added."""
+    body = copy.deepcopy(body)
+    node: Any = body
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            break
+        key = data.draw(st.sampled_from(keys))
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and data.draw(st.booleans()):
+            node = child
+            continue
+        action = data.draw(st.sampled_from(["replace", "drop", "add"]))
+        if action == "replace":
+            node[key] = data.draw(_JSONISH)
+        elif action == "drop" and isinstance(node, dict):
+            del node[key]
+        elif isinstance(node, dict):
+            node[data.draw(st.text("abcxyz_T09.-", max_size=10))] = data.draw(_JSONISH)
+        else:
+            node.append(data.draw(_JSONISH))
+        break
+    return body
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(_ALL_BODIES)), st.integers(0, 3), st.data())
+def test_schema_accepts_exactly_what_check_finds_no_problem_in(msg_type, changes, data):
+    from mqtt_topics.schemas import SCHEMAS
+
+    body = _ALL_BODIES[msg_type]
+    for _ in range(changes):
+        body = _mutate(body, data)
+    problems: list[str] = []
+    SCHEMAS[msg_type].check(body, "b", problems)
+    assert SCHEMAS[msg_type].accepts(body) == (not problems), problems
+    if not problems:
+        assert validate_body(msg_type, body, owned=True) is body
+        assert validate_body(msg_type, body) == body
+    else:
+        with pytest.raises(ContractError):
+            validate_body(msg_type, body, owned=True)
+
+
+def _specs() -> list[Any]:
+    """Every spec inside the v1 schemas (each once), the schemas themselves included."""
+    from mqtt_topics.schemas import SCHEMAS, AnyOf, ListOf, MapOf, Nullable, Scalar, Struct
+
+    found: dict[int, Any] = {}
+    todo: list[Any] = list(SCHEMAS.values())
+    while todo:
+        spec = todo.pop()
+        if id(spec) in found:
+            continue
+        found[id(spec)] = spec
+        if isinstance(spec, Struct):
+            todo += [f.spec for f in spec.fields] + ([spec.extra] if spec.extra else [])
+        elif isinstance(spec, Nullable):
+            todo.append(spec.inner)
+        elif isinstance(spec, ListOf):
+            todo.append(spec.item)
+        elif isinstance(spec, MapOf):
+            todo.append(spec.value)
+        elif isinstance(spec, AnyOf):
+            todo += list(spec.options)
+        elif isinstance(spec, Scalar):
+            todo.append(spec._text)
+    return sorted(found.values(), key=repr)
+
+
+_SPECS = _specs()
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(_SPECS), st.one_of(_LEAF, _JSONISH))
+def test_every_spec_accepts_exactly_what_its_check_finds_no_problem_in(spec, value):
+    problems: list[str] = []
+    spec.check(value, "v", problems)
+    assert spec.accepts(value) == (not problems), (spec, problems)
+
+
+def test_duplicate_keys_refused_at_any_depth():
+    topic = T7.telemetry
+    for text in ('{"a":1,"a":2}', '{"body":{"x":{"k":1,"k":1}}}'):
+        with pytest.raises(ContractError, match="duplicate object key"):
+            verify(text.encode(), topic, Keyring())
+
+
+def test_fast_acceptance_runs_the_cross_field_rule():
+    from mqtt_topics.schemas import SCHEMAS
+
+    body = dict(TICKET, ticket_uid=f"kiosk-07:{TICKET['serial'] + 1}")
+    assert not SCHEMAS["ticket"].accepts(body)
+    with pytest.raises(ContractError, match="serial part differs"):
+        validate_body("ticket", body, owned=True)
+    assert SCHEMAS["ticket"].accepts(dict(TICKET))
