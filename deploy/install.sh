@@ -139,8 +139,9 @@ fi
 # Pinned versions come from the package's own metadata: the fleet runs what was tested.
 run "$PREFIX/bin/pip" install --disable-pip-version-check --no-cache-dir --upgrade "$SRC"
 # The unit runs the agent with PYTHONOPTIMIZE=2 (no docstrings: 0.7 MB less resident) and
-# PYTHONDONTWRITEBYTECODE on a read-only root, so its bytecode is written here, once, for
-# every module it loads (the standard library's too: Debian ships only -O0 bytecode). -P: the
+# PYTHONDONTWRITEBYTECODE on a read-only root, so its bytecode is written here, once: the
+# standard modules it imports (Debian ships only -O0 bytecode) and everything in the venv's
+# site-packages and the system's dist-packages (pip, too, compiles at -O0 only). -P: the
 # installed package, not a checkout in the current directory. After a Python upgrade from
 # apt, run install.sh again (dpkg does not know these files; the agent still runs without
 # them, compiling at each start).

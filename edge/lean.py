@@ -222,11 +222,29 @@ AGENT_ENTRY_MODULES = ("hallkiosk.cli", "edge.agent", "edge.tls", "provisioning.
                        "provisioning.crl", "provisioning.errors", "provisioning.trust")
 
 
-def precompile(optimize: int = 2) -> list[str]:
-    """Write the bytecode of every module the agent loads, at ``optimize`` (2 = ``-OO``, what
-    the systemd unit runs with), so the agent never compiles at start: its unit runs with
-    PYTHONDONTWRITEBYTECODE on a read-only root, and Debian ships only ``-O0`` bytecode for
-    the standard library. Returns the source files compiled (or found current)."""
+def site_dirs() -> list[str]:
+    """The package directories on sys.path (the venv's site-packages, and Debian's
+    dist-packages where the venv sees the system's: picamera2 comes from apt)."""
+    import os
+
+    return [d for d in sys.path
+            if os.path.basename(d) in ("site-packages", "dist-packages") and os.path.isdir(d)]
+
+
+def precompile(optimize: int = 2, sites: list[str] | None = None) -> tuple[int, int]:
+    """Write ``-OO`` bytecode (``optimize`` 2, what the systemd unit runs with) for what the
+    agent may load, so it never compiles at start: its unit runs with PYTHONDONTWRITEBYTECODE
+    on a read-only root, pip compiles at -O0 only, and Debian ships only -O0 bytecode.
+
+    - the standard library modules the agent and its X.509 helper import (found by importing
+      them: compiling the whole library would take minutes on a Pi for modules never used),
+      and those it defers;
+    - every module in ``sites`` (default: ``site_dirs()``): the agent imports some of them
+      only when configured (the QR pipeline's numpy and Pillow, a pin factory, picamera2).
+
+    Returns (standard modules compiled, site directories compiled).
+    """
+    import compileall
     import py_compile
 
     defer_stdlib()
@@ -241,10 +259,20 @@ def precompile(optimize: int = 2) -> list[str]:
         target = importlib.util.cache_from_source(path, optimization="" if optimize == 0
                                                   else optimize)
         py_compile.compile(path, cfile=target, optimize=optimize, doraise=True)
-    return files
+    dirs = site_dirs() if sites is None else sites
+    for directory in dirs:
+        # A file that does not compile (a Python 2 leftover in dist-packages) is reported
+        # and skipped: it cannot be what the agent imports.
+        compileall.compile_dir(directory, quiet=1, optimize=optimize, workers=0)
+    return len(files), len(dirs)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--precompile"]:
-        sys.exit("usage: python -m edge.lean --precompile")
-    print(f"edge.lean: {len(precompile())} modules compiled for python -OO")
+    args = sys.argv[1:]
+    if args[:1] != ["--precompile"] or len(args) % 2 != 1 \
+            or any(flag != "--site-dir" for flag in args[1::2]):
+        sys.exit("usage: python -m edge.lean --precompile [--site-dir DIR]...")
+    chosen = args[2::2] or None
+    modules, sites = precompile(sites=chosen)
+    print(f"edge.lean: {modules} standard and agent modules and {sites} package "
+          "directories compiled for python -OO")

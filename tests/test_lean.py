@@ -263,18 +263,32 @@ def test_qr_version_is_what_an_encoder_picks(data):
 
 # -- bytecode for -OO ------------------------------------------------------------------------------
 def test_precompile_writes_opt2_bytecode_of_what_the_agent_loads(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "edge.lean", "--precompile"], cwd=REPO,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONPYCACHEPREFIX": str(tmp_path)},
+    cache, site = tmp_path / "cache", tmp_path / "site-packages"
+    (site / "lazydep").mkdir(parents=True)
+    (site / "lazydep" / "__init__.py").write_text("")
+    (site / "lazydep" / "camera.py").write_text("FRAMES = 30\n")
+    out = subprocess.run([sys.executable, "-m", "edge.lean", "--precompile", "--site-dir",
+                          str(site)], cwd=REPO,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPYCACHEPREFIX": str(cache)},
                          capture_output=True, text=True, check=True).stdout
-    assert "modules compiled for python -OO" in out
-    written = {p.name for p in tmp_path.rglob("*.opt-2.pyc")}
+    assert "1 package directories compiled for python -OO" in out
+    written = {p.name for p in cache.rglob("*.opt-2.pyc")}
     for module in ("agent", "mqtt", "tls", "client", "ssl", "dbapi2", "request", "trust"):
         assert any(name.startswith(module + ".") for name in written), module
-    # The X.509 helper's cryptography, which it imports only when it runs.
-    assert any(p.parent.name == "x509" for p in tmp_path.rglob("*.opt-2.pyc"))
-    agent_pyc = tmp_path / str(REPO / "edge").lstrip("/") / \
+    agent_pyc = cache / str(REPO / "edge").lstrip("/") / \
         f"agent.{sys.implementation.cache_tag}.opt-2.pyc"
     assert agent_pyc.is_file()
+    # The X.509 helper's cryptography, which it imports only when it runs.
+    assert any(p.parent.name == "x509" for p in cache.rglob("*.opt-2.pyc"))
+    # A package the agent imports only when configured: compiled from its site directory.
+    assert (cache / str(site / "lazydep").lstrip("/") /
+            f"camera.{sys.implementation.cache_tag}.opt-2.pyc").is_file()
+
+
+def test_precompile_usage_is_refused():
+    got = subprocess.run([sys.executable, "-m", "edge.lean", "--precompile", "--site"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert got.returncode == 1 and "usage: python -m edge.lean --precompile" in got.stderr
 
 
 # -- telemetry numbers without decimal ---------------------------------------------------------------
