@@ -41,17 +41,17 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from emulator.demo import run_demo
-
     from pathlib import Path
+
+    from emulator.demo import run_demo
 
     return run_demo(Path(args.out), citizens=args.citizens)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from emulator.bench import run_bench
-
     from pathlib import Path
+
+    from emulator.bench import run_bench
 
     return run_bench(Path(args.out), tickets=args.tickets)
 
@@ -89,9 +89,9 @@ def agent_args(argv: list[str]) -> SimpleNamespace | None:
 
 
 def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
-    """The whole command line. ``tools=False`` leaves out the subcommands whose modules pull in numpy, Pillow or
-    the QR pipeline: the kiosk's own process (``hallkiosk agent``) never loads them (about
-    10 MB of RSS on a board that has 1 GB or less)."""
+    """The whole command line. ``tools=False`` leaves out the subcommands whose modules pull
+    in numpy, Pillow or the QR pipeline: the kiosk's own process (``hallkiosk agent``) never
+    loads them (about 10 MB of RSS on a board that has 1 GB or less)."""
     import argparse
     from pathlib import Path
 

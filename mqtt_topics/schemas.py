@@ -319,9 +319,8 @@ class MapOf(Spec):
         if type(value) is not dict or len(value) > self.max_items:
             return False
         key_re, accepts = self.key_re, self.value.accepts
-        known = _KNOWN_KEYS.get(key_re, ())
         for k, v in value.items():
-            if not ((k in known or _key_matches(key_re, k)) and accepts(v)):
+            if not (_key_matches(key_re, k) and accepts(v)):
                 return False
         return True
 
@@ -445,15 +444,14 @@ class Struct(Spec):
             elif f.required:
                 return False
         known = self._known  # type: ignore[attr-defined]
-        if len(value) > len(known) or any(k not in known for k in value):
-            extras = [k for k in value if k not in known]
+        extras = [k for k in value if k not in known]
+        if extras:
             if self.extra is None or len(extras) > self.max_extra:
                 return False
             key_re = self.extra_key_re or FREE_KEY_RE
             accepts = self.extra.accepts
-            names = _KNOWN_KEYS.get(key_re, ())
             for k in extras:
-                if not ((k in names or _key_matches(key_re, k)) and accepts(value[k])):
+                if not (_key_matches(key_re, k) and accepts(value[k])):
                     return False
         if self.cross is not None:
             problems: Problems = []

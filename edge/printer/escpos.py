@@ -51,7 +51,6 @@ CODE_PAGES: dict[str, int] = {
     "cp437": 0, "cp850": 2, "cp860": 3, "cp863": 4, "cp865": 5,
     "cp1252": 16, "cp866": 17, "cp852": 18, "cp858": 19,
 }
-_CODECS_BY_PAGE = {n: name for name, n in CODE_PAGES.items()}
 
 QR_ERROR_LEVELS = "LMQH"     # fn 45 parameter 0x30 + index
 
@@ -62,7 +61,8 @@ class Alignment(enum.IntEnum):
     RIGHT = 2
 
 
-def _codec_name(encoding: str) -> str:
+def codec_name(encoding: str) -> str:
+    """Python's canonical name of a text encoding (ValueError when it has none)."""
     try:
         return codecs.lookup(encoding).name
     except LookupError:
@@ -81,7 +81,7 @@ class EscPos:
     __slots__ = ("encoding", "_out")
 
     def __init__(self, encoding: str = "cp437") -> None:
-        self.encoding = _codec_name(encoding)
+        self.encoding = codec_name(encoding)
         self._out = bytearray()
 
     def to_bytes(self) -> bytes:

@@ -13,8 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Union
 
-from edge.printer.escpos import (_CODECS_BY_PAGE, CR, DLE, ESC, GS, LF, MAX_BUFFERED,
-                                 MAX_GS_K_LENGTH, QR_ERROR_LEVELS, Alignment, _codec_name)
+from edge.printer.escpos import (CODE_PAGES, CR, DLE, ESC, GS, LF, MAX_BUFFERED,
+                                 MAX_GS_K_LENGTH, QR_ERROR_LEVELS, Alignment, codec_name)
+
+#: ``ESC t n`` page number -> the Python codec the printer then decodes text with.
+_CODECS_BY_PAGE = {n: name for name, n in CODE_PAGES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +157,7 @@ class EscPosParser:
     """
 
     def __init__(self, encoding: str = "cp437") -> None:
-        self._default_codec = _codec_name(encoding)
+        self._default_codec = codec_name(encoding)
         self._codec = self._default_codec
         self._buf = bytearray()
         self._skip = 0
