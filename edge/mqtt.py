@@ -25,6 +25,7 @@ from typing import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
@@ -96,32 +97,153 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
     return rng.uniform(min_s, max(min_s, ceiling))
 
 
-#: Packets read per wake-up of the network loop (see _Client).
-READ_BATCH = 64
+#: Bytes asked of the socket per read (the kernel hands over what it has; TLS gives one
+#: record, up to 16 KiB, and paho's loop comes straight back for the rest).
+RECV_BYTES = 256 * 1024
+_PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
+_PUBACK_HEADER = bytes([_PUBACK, 2])
+
+
+def _fresh_in_packet() -> dict:
+    """paho's idle reader state (the same dict its connect() and _packet_read() set)."""
+    return {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+            "remaining_length": 0, "packet": bytearray(), "to_process": 0, "pos": 0}
 
 
 class _Client(paho.Client):
-    """paho's client, reading up to READ_BATCH buffered packets per wake-up of its loop.
+    """paho's client with a batched reader: one recv() per wake-up, every whole packet in it.
 
-    paho reads at most as many packets per select() as it has QoS messages in flight, so a
-    receiver with nothing in flight pays one select() and one pass of the loop per packet
-    (py-spy on the ops monitor: about a tenth of its time). The extra reads use paho's own
-    packet reader and error handling (``_packet_read``, ``_loop_rc_handle``, pinned paho
-    2.2; tests/test_mqtt_link.py checks they exist); a read that finds no data ends the
-    batch, and the cap keeps PUBACKs and pings going out under a flood.
+    paho reads a packet with at least three recv() calls (the command byte, each byte of the
+    remaining length, the rest), queues each PUBACK as its own write plus a wake-up byte on
+    its socket pair, and builds an MQTTMessage and a Properties object per PUBLISH; with no
+    QoS message of its own in flight it also reads one packet per select(). On the ops
+    monitor's ingest (py-spy, `make bench`) all that cost about as much as the Ed25519 verify
+    itself. Here ``loop_read`` takes what the socket has (up to RECV_BYTES), and splits it:
+
+    - a QoS 0/1 PUBLISH with a UTF-8 topic and no properties (what Mosquitto forwards from a
+      plain publish) goes straight to ``fast_publish(topic, payload, qos, retain)``; the
+      PUBACKs of one read go out as one write, in the order the PUBLISHes came, and only
+      after ``fast_publish`` returned for them;
+    - every other packet (CONNACK, SUBACK, PUBACK of our own publishes, PINGRESP,
+      DISCONNECT, QoS 2, a PUBLISH with properties or a topic that is not UTF-8) is handed
+      whole to paho's own ``_packet_handle``, after the PUBACKs collected before it;
+    - a packet cut by the end of a read waits, bytes kept, for the next read; a remaining
+      length of more than 4 bytes or a PUBLISH shorter than its own header closes the
+      connection as a protocol error (paho's answer to the first), after writing the PUBACKs
+      of the messages delivered before it.
+
+    ``fast_publish`` unset (None) keeps paho's reader, one packet per recv() sequence. The
+    private parts of paho used here (``_sock_recv``, ``_packet_handle``, ``_packet_queue``,
+    ``_loop_rc_handle``, ``_in_packet``, ``_msgtime_mutex``, ``_last_bytes_received``,
+    ``_protocol``) are pinned with paho 2.2; tests/test_mqtt_link.py checks they exist.
     """
 
+    fast_publish: Callable[[str, bytes, int, bool], None] | None = None
+    _rsock: object = None
+    _rbuf: bytes | bytearray = b""
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        for _ in range(READ_BATCH - 1):
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None:
-                return rc
-            rc = self._packet_read()
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        sock = self._sock
+        if self.fast_publish is None or sock is None or self._in_packet["command"]:
+            return super().loop_read(max_packets)
+        if self._rsock is not sock:           # a new connection: nothing carried over
+            self._rsock, self._rbuf = sock, b""
+        try:
+            data = self._sock_recv(RECV_BYTES)
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        except OSError as err:                # TimeoutError and ssl errors included
+            log.warning("MQTT read failed: %s", err)
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        if not data:
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        buf = self._rbuf + data if self._rbuf else data
+        self._rbuf = b""
+        rc = self._split(sock, buf)
+        return self._loop_rc_handle(rc) if rc > 0 else MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _split(self, sock: object, buf: bytes | bytearray) -> MQTTErrorCode:
+        """Handle every whole packet in ``buf``; keep the cut one for the next read."""
+        deliver = self.fast_publish
+        v5 = self._protocol == paho.MQTTv5
+        acks: list[int] = []
+        pos, end_buf = 0, len(buf)
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        while pos < end_buf:
+            header = buf[pos]
+            # Remaining length: 1-4 bytes of 7 bits, least significant first (MQTT 5 1.5.5).
+            length, shift, i, cut = 0, 0, pos + 1, False
+            while True:
+                if i >= end_buf:
+                    cut = True
+                    break
+                byte = buf[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+                if shift == 28:
+                    log.warning("MQTT packet with a remaining length of more than 4 bytes")
+                    rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+                    break
+            if cut or rc:
+                break
+            start, end = i, i + length
+            if end > end_buf:
+                break                                      # the body is cut
+            qos = (header >> 1) & 3
+            if header & 0xF0 == _PUBLISH and qos < 2:
+                tlen = (buf[start] << 8 | buf[start + 1]) if length >= 2 else -1
+                p = start + 2 + tlen + (2 if qos else 0)
+                if tlen < 0 or p + v5 > end:
+                    log.warning("MQTT PUBLISH shorter than its own header (%d bytes)", length)
+                    rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+                    break
+                if not v5 or buf[p] == 0:
+                    try:
+                        topic = str(buf[start + 2:start + 2 + tlen], "utf-8")
+                    except UnicodeDecodeError:
+                        topic = ""                         # paho words it (below)
+                    if topic:
+                        deliver(topic, bytes(buf[p + v5:end]), qos, bool(header & 1))
+                        if qos:
+                            acks.append(buf[p - 2] << 8 | buf[p - 1])
+                        pos = end
+                        continue
+            # Anything else: paho's own handler, after the PUBACKs owed so far (in order).
+            if acks:
+                self._queue_pubacks(acks)
+                acks = []
+            self._in_packet = {"command": header, "have_remaining": 1, "remaining_count": [],
+                               "remaining_mult": 1, "remaining_length": length,
+                               "packet": bytearray(buf[start:end]), "to_process": 0, "pos": 0}
+            try:
+                rc = self._packet_handle()
+            except MalformedPacket as exc:
+                log.warning("malformed MQTT packet: %s", exc)
+                rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+            finally:
+                self._in_packet = _fresh_in_packet()
+            pos = end
+            if rc > 0 or self._sock is not sock:           # error, or the handler closed it
+                break
+        if acks and self._sock is sock:
+            self._queue_pubacks(acks)
             if rc > 0:
-                return self._loop_rc_handle(rc)
+                # Delivered messages are acknowledged before the connection is dropped for
+                # what came after them; a resumed session would deliver them again otherwise.
+                self._packet_write()
+        if rc <= 0 and self._sock is sock and pos < end_buf:
+            self._rbuf = buf[pos:]
         return rc
+
+    def _queue_pubacks(self, mids: list[int]) -> None:
+        # MQTT 5 3.4.2.1: reason 0x00 without properties may be left out, as paho does.
+        self._packet_queue(_PUBACK, b"".join(_PUBACK_HEADER + mid.to_bytes(2, "big")
+                                             for mid in mids), 0, 0)
 
 
 class MqttLink:
@@ -170,6 +292,7 @@ class MqttLink:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.fast_publish = self._on_fast_publish
         self._client = c
 
     # -- lifecycle -------------------------------------------------------------------
@@ -332,6 +455,12 @@ class MqttLink:
     def _on_message(self, client, userdata, message) -> None:
         try:
             self._emit(LinkMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain)))
+        except Exception:
+            log.exception("%s: on_message failed", self._name)
+
+    def _on_fast_publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        try:
+            self._emit(LinkMessage(topic, payload, qos, retain))
         except Exception:
             log.exception("%s: on_message failed", self._name)
 

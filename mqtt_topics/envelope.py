@@ -460,8 +460,7 @@ def _depth_ok(value: Any) -> bool:
     return False
 
 
-def _parse(payload: bytes) -> Any:
-    raw = bytes(payload)
+def _parse(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -520,6 +519,39 @@ def _check_fields(obj: Any) -> None:
         raise ContractError("envelope.sig: expected 86 chars of base64url without padding")
 
 
+def _without_sig(raw: bytes, sig: str) -> bytes | None:
+    """The payload with its ``,"sig":"..."`` member cut out, if that text occurs once.
+
+    Senders emit canonical payloads (section 5 step 6 of docs/mqtt-contract.md), and
+    then this IS the canonical JSON of the envelope without ``sig``: no re-serializing.
+    Why that is sound: when a signature verifies over these bytes, the key's owner signed
+    exactly them, and owners sign only canonical JSON of an envelope without ``sig``. The
+    payload is those bytes with ``,"sig":"..."`` put back in one place, and inserting that
+    text into JSON keeps it JSON only right after the value of an object member (inside a
+    string, a number, an array or before a value it is a syntax error), where it adds one
+    member to that object. The payload passed step 3 with a top-level ``sig``, which the
+    signed text lacks, so that object is the envelope itself: the envelope parsed from the
+    payload is the signed one plus ``sig``. If the cut text was not the top-level member
+    (a nested copy of it), the top-level one is still in the cut bytes, nobody signed
+    those, and verify falls back to re-serializing, as it does for every other payload
+    (re-formatted by a relay, members reordered). The difference to re-serializing: a
+    payload whose owner signed non-canonical bytes (a foreign signer's bug) is accepted
+    here as those bytes mean, where re-serializing refuses it.
+    """
+    member = b',"sig":"' + sig.encode("ascii") + b'"'
+    if raw.count(member) != 1:
+        return None
+    return raw.replace(member, b"", 1)
+
+
+def _signature_ok(entry: KeyEntry, sig: bytes, signed: bytes) -> bool:
+    try:
+        entry.public_key.verify(sig, signed)
+    except InvalidSignature:
+        return False
+    return True
+
+
 def verify(payload: bytes, topic: str, keyring: Keyring, *,
            tracker: SequenceTracker | None = None, expect_type: str | None = None,
            require_role: str | None = None) -> Verified:
@@ -535,21 +567,24 @@ def verify(payload: bytes, topic: str, keyring: Keyring, *,
         raise ContractError("payload: expected bytes")
     if len(payload) > MAX_PAYLOAD:
         raise ContractError(f"payload: {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    obj = _parse(payload)
+    raw = bytes(payload)
+    obj = _parse(raw)
     _check_fields(obj)
     sig = _decode_sig(obj["sig"])
     sender, msg_type, kid = obj["sender"], obj["type"], obj["kid"]
 
     entry = keyring.get(kid)
-    unsigned = {k: v for k, v in obj.items() if k != "sig"}
     # The topic passed parse_topic (ids cannot hold a newline) and the payload step 3, so the
     # signed bytes are built without checking either again.
-    signed = SIGNING_PREFIX + topic.encode("utf-8") + b"\n" + _canonical_checked(unsigned)
-    try:
-        entry.public_key.verify(sig, signed)
-    except InvalidSignature:
+    head = SIGNING_PREFIX + topic.encode("utf-8") + b"\n"
+    as_sent = _without_sig(raw, obj["sig"])
+    ok = as_sent is not None and _signature_ok(entry, sig, head + as_sent)
+    if not ok:
+        rebuilt = _canonical_checked({k: v for k, v in obj.items() if k != "sig"})
+        ok = rebuilt != as_sent and _signature_ok(entry, sig, head + rebuilt)
+    if not ok:
         raise SignatureError(f"bad signature or wrong topic (kid {kid}, topic "
-                             f"{parts.kind} of {parts.device})") from None
+                             f"{parts.kind} of {parts.device})")
     if entry.owner != sender:
         raise SignatureError(f"key {kid} belongs to {entry.owner!r}, not to sender {sender!r}")
     if parts.kind in KIOSK_KINDS and parts.device != sender:

@@ -790,3 +790,105 @@ def test_fast_acceptance_runs_the_cross_field_rule():
     with pytest.raises(ContractError, match="serial part differs"):
         validate_body("ticket", body, owned=True)
     assert SCHEMAS["ticket"].accepts(dict(TICKET))
+
+
+# -- the signed bytes taken as sent (mqtt_topics.envelope._without_sig) ------------------------
+def _counting(monkeypatch, name: str) -> list[int]:
+    """Count calls of an envelope-module function (the real one still runs)."""
+    from mqtt_topics import envelope
+
+    calls: list[int] = []
+    real = getattr(envelope, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(envelope, name, counted)
+    return calls
+
+
+def test_a_canonical_payload_is_verified_as_sent(keyring, monkeypatch):
+    payload = _signer().seal(T7.telemetry, "telemetry", BODIES["telemetry"])
+    rebuilt = _counting(monkeypatch, "_canonical_checked")
+    checked = _counting(monkeypatch, "_signature_ok")
+    assert verify(payload, T7.telemetry, keyring).body == BODIES["telemetry"]
+    assert (len(rebuilt), len(checked)) == (0, 1)
+
+
+def test_a_bad_signature_on_a_canonical_payload_costs_one_verify(keyring, monkeypatch):
+    checked = _counting(monkeypatch, "_signature_ok")
+    env = json.loads(_signer().seal(T7.event, "event", BODIES["event"]))
+    env["body"]["severity"] = "fault"                       # changed after signing
+    with pytest.raises(SignatureError, match="bad signature"):
+        verify(canonical_json(env), T7.event, keyring)
+    assert len(checked) == 1                  # the rebuilt bytes are the same: not tried twice
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), msg_type=st.sampled_from(["telemetry", "event", "state", "ticket"]))
+def test_any_spelling_of_a_signed_envelope_verifies_and_any_change_does_not(data, msg_type):
+    """Members reordered, whitespace, \\u escapes, ``sig`` moved: each is re-serialized to
+    the signed bytes (accepted, same body); a changed value never verifies either way."""
+    import random
+
+    ring = Keyring()
+    ring.add(K7.public_key(), owner="kiosk-07", roles=["kiosk"])
+    topic = T7.topic(msg_type)
+    env = json.loads(_signer().seal(topic, msg_type, BODIES[msg_type]))
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+
+    def shuffled(value):
+        if isinstance(value, dict):
+            items = [(k, shuffled(v)) for k, v in value.items()]
+            rng.shuffle(items)
+            return dict(items)
+        return [shuffled(v) for v in value] if isinstance(value, list) else value
+
+    seps = data.draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
+    text = json.dumps(shuffled(env), separators=seps, ensure_ascii=data.draw(st.booleans()))
+    got = verify(text.encode(), topic, ring)
+    assert got.body == BODIES[msg_type]
+
+    changed = copy.deepcopy(env)
+    key = data.draw(st.sampled_from(sorted(k for k in changed if k not in ("sig", "v", "type"))))
+    if key == "body":
+        first = sorted(changed["body"])[0]
+        value = changed["body"][first]
+        changed["body"][first] = value + "x" if isinstance(value, str) else "xxx"
+    elif isinstance(changed[key], int):
+        changed[key] += 1
+    else:
+        changed[key] = changed[key][:-1] + ("0" if changed[key][-1] != "0" else "1")
+    with pytest.raises(ContractError):
+        verify(json.dumps(shuffled(changed), separators=seps).encode(), topic, ring)
+
+
+def test_a_nested_copy_of_the_sig_member_is_not_taken_for_it(keyring):
+    """The top-level ``sig`` spelled with an escape and the same text put into the body: the
+    cut finds the nested copy, those bytes were never signed, and the re-serialized
+    envelope (which now has a changed body) does not verify either."""
+    payload = _signer().seal(T7.event, "event", BODIES["event"])
+    sig = json.loads(payload)["sig"]
+    member = f',"sig":"{sig}"'.encode()
+    respelled = payload.replace(member, f',"\\u0073ig":"{sig}"'.encode())
+    detail_end = respelled.index(b"}", respelled.index(b'"detail":{'))   # a flat object
+    forged = respelled[:detail_end] + member + respelled[detail_end:]
+    assert forged.count(member) == 1
+    with pytest.raises(SignatureError, match="bad signature"):
+        verify(forged, T7.event, keyring)
+
+
+def test_bytes_the_owner_signed_are_taken_as_they_mean_even_if_not_canonical(keyring):
+    """The one difference to re-serializing, on purpose (docs/mqtt-contract.md section 5):
+    the key's owner signed non-canonical text (members unsorted, spaces), and the payload
+    carries exactly that text plus the sig member."""
+    from mqtt_topics.envelope import SIGNING_PREFIX
+
+    env = json.loads(_signer().seal(T7.event, "event", BODIES["event"]))
+    del env["sig"]
+    text = json.dumps(dict(reversed(list(env.items()))), separators=(", ", ": ")).encode()
+    sig = base64.urlsafe_b64encode(K7.sign(SIGNING_PREFIX + T7.event.encode() + b"\n" + text)
+                                   ).rstrip(b"=")
+    payload = text[:-1] + b',"sig":"' + sig + b'"}'
+    assert verify(payload, T7.event, keyring).body == BODIES["event"]

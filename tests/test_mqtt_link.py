@@ -105,13 +105,10 @@ def test_backoff_is_jittered_and_bounded():
 
 
 def test_a_burst_is_read_in_batches_in_order_once(broker):
-    """The link reads up to READ_BATCH buffered packets per wake-up (edge.mqtt._Client),
-    with paho's own reader: every message arrives once, in order, and is acknowledged."""
-    from edge import mqtt
+    """The link reads every whole packet a recv() returns (edge.mqtt._Client): every message
+    arrives once, in order, and is acknowledged."""
     from emulator.bench_ops import publish_all
 
-    assert callable(getattr(mqtt.paho.Client, "_packet_read", None))      # what _Client uses
-    assert callable(getattr(mqtt.paho.Client, "_loop_rc_handle", None))
     got: list[bytes] = []
     events: queue.Queue = queue.Queue()
     link = _link(broker, "burst", lambda ev: got.append(ev.payload)
@@ -155,3 +152,206 @@ def test_a_burst_is_read_in_batches_in_order_once(broker):
              interval_s=0.1)
     assert set(again) == {b"end"}, again[:5]
     link.stop()
+
+
+# -- the batched reader against a hostile broker ---------------------------------------------
+# Mosquitto never sends a malformed packet and never cuts one where a test wants it cut, so
+# these tests script the broker's side of a real loopback TCP connection, byte for byte.
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _publish5(topic: bytes, payload: bytes, *, qos: int = 1, mid: int = 0, retain: bool = False,
+              props: bytes = b"") -> bytes:
+    body = (len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"")
+            + _varint(len(props)) + props + payload)
+    return bytes([0x30 | qos << 1 | retain]) + _varint(len(body)) + body
+
+
+class _ScriptedBroker:
+    """One MQTT 5 connection at a time on a loopback port: CONNACK and SUBACK, then the
+    bytes the test sends, exactly as cut; records every packet the client sends."""
+
+    def __init__(self) -> None:
+        import socket as _socket
+        import threading
+
+        self.listener = _socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received: list[tuple[int, bytes]] = []       # (first byte, body)
+        self.conns: queue.Queue = queue.Queue()
+        self.subscribed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _read_packet(self, conn) -> tuple[int, bytes] | None:
+        def exact(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = conn.recv(n - len(data))
+                if not chunk:
+                    raise EOFError
+                data += chunk
+            return data
+
+        try:
+            header = exact(1)[0]
+            length, shift = 0, 0
+            while True:
+                byte = exact(1)[0]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if byte < 0x80:
+                    break
+            return header, exact(length)
+        except (EOFError, OSError):
+            return None
+
+    def _serve(self, conn) -> None:
+        while (packet := self._read_packet(conn)) is not None:
+            header, body = packet
+            self.received.append(packet)
+            if header == 0x10:                              # CONNECT -> CONNACK, success
+                conn.sendall(b"\x20\x03\x00\x00\x00")
+                self.conns.put(conn)
+            elif header == 0x82:                            # SUBSCRIBE -> SUBACK, QoS 1
+                conn.sendall(b"\x90\x04" + body[:2] + b"\x00\x01")
+                self.subscribed.set()
+
+    def acks(self, kind: int) -> list[int]:
+        """Packet ids of the client's packets of ``kind`` (0x40 PUBACK, 0x50 PUBREC...)."""
+        return [int.from_bytes(body[:2], "big") for h, body in self.received if h & 0xF0 == kind]
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _scripted_link(scripted: _ScriptedBroker, sink) -> MqttLink:
+    link = MqttLink(client_id="hostile", host="127.0.0.1", port=scripted.port, sink=sink,
+                    subscriptions=(("t/#", 1),), reconnect_min_s=0.05, reconnect_max_s=0.2)
+    link.start()
+    return link
+
+
+def _counting_reads(link: MqttLink) -> list[int]:
+    """Lengths of what each recv() of the link returned (the test waits on them so that
+    every cut it makes is a cut the reader sees)."""
+    reads: list[int] = []
+    client = link._client
+    recv = client._sock_recv
+
+    def counted(n: int) -> bytes:
+        data = recv(n)
+        reads.append(len(data))
+        return data
+
+    client._sock_recv = counted
+    return reads
+
+
+def test_the_reader_keeps_order_and_acks_across_any_cut():
+    """Packets cut at every awkward place (inside the remaining length, the topic, the packet
+    id, the payload), several in one read, a PUBLISH with properties and a QoS 2 one (both
+    paho's own path) between fast ones: each message arrives once, in order, with its topic,
+    QoS and retain flag, and the PUBACKs go out in the order of the PUBLISHes."""
+    from edge import mqtt
+
+    for name in ("_sock_recv", "_packet_handle", "_packet_queue", "_loop_rc_handle"):
+        assert callable(getattr(mqtt.paho.Client, name, None)), name    # what _Client uses
+    scripted = _ScriptedBroker()
+    got: list[LinkMessage] = []
+    link = _scripted_link(scripted, lambda ev: got.append(ev) if isinstance(ev, LinkMessage)
+                          else None)
+    try:
+        conn = scripted.conns.get(timeout=10)
+        assert scripted.subscribed.wait(10)
+        reads = _counting_reads(link)
+        big = bytes(range(256)) * 3                           # remaining length of 2 bytes
+        stream = (_publish5(b"t/a", b"one", mid=1)
+                  + _publish5(b"t/b", big, mid=2, retain=True)
+                  + _publish5(b"t/c", b"zero", qos=0)
+                  + _publish5(b"t/d", b"props", mid=3, props=b"\x01\x01")   # payload format
+                  + _publish5(b"t/e", b"two", qos=2, mid=4)
+                  + _publish5("t/\u00e9".encode(), b"four", mid=5))
+        second = len(_publish5(b"t/a", b"one", mid=1))
+        cuts = [1, second + 1, second + 2, second + 5, second + 7, len(stream) - 3]
+        for a, b in zip([0] + cuts, cuts + [len(stream)]):
+            before = len(reads)
+            conn.sendall(stream[a:b])
+            wait_for(lambda: len(reads) > before, what="the client reading the cut")
+        wait_for(lambda: scripted.acks(0x50) == [4], what="PUBREC of the QoS 2 message")
+        conn.sendall(b"\x62\x02\x00\x04")                     # PUBREL: paho delivers it now
+        wait_for(lambda: len(got) == 6, what="six messages")
+        assert [(m.topic, m.payload, m.qos, m.retain) for m in got] == [
+            ("t/a", b"one", 1, False), ("t/b", big, 1, True), ("t/c", b"zero", 0, False),
+            ("t/d", b"props", 1, False), ("t/\u00e9", b"four", 1, False),
+            ("t/e", b"two", 2, False)]
+        wait_for(lambda: len(scripted.acks(0x40)) == 4, what="four PUBACKs")
+        assert scripted.acks(0x40) == [1, 2, 3, 5]
+        wait_for(lambda: scripted.acks(0x70) == [4], what="PUBCOMP of the QoS 2 message")
+        assert link.connected
+    finally:
+        link.stop(drain_s=0)
+        scripted.close()
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(b"\x32\xff\xff\xff\xff\x01", id="remaining-length-of-5-bytes"),
+    pytest.param(b"\x32\x05\x00\x09t/", id="topic-longer-than-the-packet"),
+    pytest.param(b"\x32\x01\x00", id="publish-without-topic-length"),
+    pytest.param(b"\x32\x05\x00\x03t/x", id="qos1-without-packet-id"),
+])
+def test_a_malformed_packet_drops_the_connection_not_the_link(bad):
+    """What came before the bad packet is delivered and acknowledged; the link reports the
+    protocol error, connects again and carries on."""
+    scripted = _ScriptedBroker()
+    events: queue.Queue = queue.Queue()
+    link = _scripted_link(scripted, events.put)
+    try:
+        conn = scripted.conns.get(timeout=10)
+        assert scripted.subscribed.wait(10)
+        conn.sendall(_publish5(b"t/ok", b"before", mid=7) + bad + _publish5(b"t/x", b"x", mid=8))
+        assert _next(events, LinkMessage).payload == b"before"
+        _next(events, LinkDown)
+        conn2 = scripted.conns.get(timeout=10)                 # it came back by itself
+        _next(events, LinkUp)
+        conn2.sendall(_publish5(b"t/ok", b"after", mid=9))
+        msg = _next(events, LinkMessage)
+        assert msg.payload == b"after"                         # the bad one's tail was dropped
+        assert scripted.acks(0x40)[:1] == [7] and 8 not in scripted.acks(0x40)
+    finally:
+        link.stop(drain_s=0)
+        scripted.close()
+
+
+def test_a_topic_that_is_not_utf8_is_refused_and_acknowledged():
+    """paho's own path words it (the sink never sees it); the PUBACK still goes out, so the
+    broker does not send it again and again, and the next message comes through."""
+    scripted = _ScriptedBroker()
+    events: queue.Queue = queue.Queue()
+    link = _scripted_link(scripted, events.put)
+    try:
+        conn = scripted.conns.get(timeout=10)
+        assert scripted.subscribed.wait(10)
+        conn.sendall(_publish5(b"t/\xff", b"bad", mid=3) + _publish5(b"t/g", b"good", mid=4))
+        msg = _next(events, LinkMessage)
+        assert (msg.topic, msg.payload) == ("t/g", b"good")
+        wait_for(lambda: scripted.acks(0x40) == [3, 4], what="both PUBACKs")
+        assert link.connected
+    finally:
+        link.stop(drain_s=0)
+        scripted.close()
