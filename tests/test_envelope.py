@@ -730,6 +730,7 @@ def test_schema_accepts_exactly_what_check_finds_no_problem_in(msg_type, changes
     problems: list[str] = []
     SCHEMAS[msg_type].check(body, "b", problems)
     assert SCHEMAS[msg_type].accepts(body) == (not problems), problems
+    assert SCHEMAS[msg_type].compiled()(body) == (not problems), problems
     if not problems:
         assert validate_body(msg_type, body, owned=True) is body
         assert validate_body(msg_type, body) == body
@@ -773,6 +774,41 @@ def test_every_spec_accepts_exactly_what_its_check_finds_no_problem_in(spec, val
     problems: list[str] = []
     spec.check(value, "v", problems)
     assert spec.accepts(value) == (not problems), (spec, problems)
+    assert spec.compiled()(value) == (not problems), (spec, problems)
+
+
+def _edges(spec: Any) -> list[Any]:
+    """Values on each side of every bound a spec states (generated values seldom land there)."""
+    from mqtt_topics.schemas import Int, ListOf, MapOf, Str, Struct
+
+    out: list[Any] = [None, True, 0, 1.0, "", [], {}]
+    if isinstance(spec, Int):
+        out += [spec.min - 1, spec.min, spec.max, spec.max + 1]
+    elif isinstance(spec, Str):
+        out += ["a" * n for n in (spec.min_len - 1, spec.min_len, spec.max_len, spec.max_len + 1)
+                if n >= 0] + list(spec.enum or ()) + ["0" * spec.max_len, "\x00"]
+    elif isinstance(spec, ListOf):
+        out += [["a"] * (spec.max_items + 1), ["ab", "ab"], ["ab", "cd"],
+                [1] * spec.max_items, [None] * spec.max_items]
+    elif isinstance(spec, MapOf):
+        out += [{f"k{i}": 1 for i in range(n)} for n in (spec.max_items, spec.max_items + 1)]
+        out += [{"a b": 1}, {"k": {"x": 1}}, {"k": [1]}]
+    elif isinstance(spec, Struct):
+        example = next((b for b in _ALL_BODIES.values()
+                        if {f.name for f in spec.fields if f.required} <= set(b)), None)
+        if example is not None:
+            out += [example, {**example, "zz_extra": 1},
+                    {k: v for k, v in list(example.items())[1:]}]
+            out += [{**example, **{f"x{i}": 1 for i in range(n)}} for n in (62, 63, 64)]
+    return out
+
+
+@pytest.mark.parametrize("spec", _SPECS, ids=lambda s: type(s).__name__)
+def test_compiled_specs_agree_on_every_bound(spec):
+    for value in _edges(spec):
+        problems: list[str] = []
+        spec.check(value, "v", problems)
+        assert spec.compiled()(value) == (not problems), (spec, value, problems)
 
 
 def test_duplicate_keys_refused_at_any_depth():
@@ -787,6 +823,8 @@ def test_fast_acceptance_runs_the_cross_field_rule():
 
     body = dict(TICKET, ticket_uid=f"kiosk-07:{TICKET['serial'] + 1}")
     assert not SCHEMAS["ticket"].accepts(body)
+    assert not SCHEMAS["ticket"].compiled()(body)
+    assert SCHEMAS["ticket"].compiled()(dict(TICKET))
     with pytest.raises(ContractError, match="serial part differs"):
         validate_body("ticket", body, owned=True)
     assert SCHEMAS["ticket"].accepts(dict(TICKET))
