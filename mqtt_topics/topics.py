@@ -245,8 +245,26 @@ class TopicParts(NamedTuple):
     kind: str
 
 
+#: Topics parsed before (each kiosk uses a handful, and every message is parsed at least
+#: twice on a monitor): bounded, emptied when full so hostile topics cannot grow it.
+_PARSED: dict[str, TopicParts] = {}
+_PARSED_MAX = 4096
+
+
 def parse_topic(topic: object) -> TopicParts:
     """Split a concrete kiosk topic (no wildcards) into its parts; raise ContractError otherwise."""
+    if type(topic) is str:
+        known = _PARSED.get(topic)
+        if known is not None:
+            return known
+    parts = _parse_topic(topic)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[topic] = parts  # type: ignore[index]   (a str: anything else raised)
+    return parts
+
+
+def _parse_topic(topic: object) -> TopicParts:
     if not isinstance(topic, str):
         raise ContractError(f"topic: expected a string, got {type(topic).__name__}")
     levels = topic.split("/")

@@ -338,7 +338,11 @@ class Fleet:
 
     def _reconcile(self, k: _Kiosk, subject: str, word: Any, table: dict[str, dict[str, float]],
                    on: str, off: str, now: float, changes: list[Change]) -> None:
-        current = table.get(subject, {})
+        current = table.get(subject)
+        if current is None:
+            if not (isinstance(word, str) and word):
+                return            # nothing was raised and nothing is: the common case
+            current = {}
         wanted = {word} if isinstance(word, str) and word else set()
         for gone in [w for w in current if w not in wanted]:
             del current[gone]

@@ -930,3 +930,25 @@ def test_bytes_the_owner_signed_are_taken_as_they_mean_even_if_not_canonical(key
                                    ).rstrip(b"=")
     payload = text[:-1] + b',"sig":"' + sig + b'"}'
     assert verify(payload, T7.event, keyring).body == BODIES["event"]
+
+
+def test_sig_spelling_rule_is_the_round_trip_rule():
+    """_decode_sig tests the last character's spare bits instead of encoding again: for
+    every possible last character both rules give the same answer."""
+    from mqtt_topics.envelope import _b64url, _decode_sig
+
+    sig = _b64url(K7.sign(b"x"))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    accepted = []
+    for last in alphabet:
+        spelled = sig[:-1] + last
+        raw = base64.urlsafe_b64decode(spelled + "==")
+        round_trip = _b64url(raw) == spelled
+        try:
+            _decode_sig(spelled)
+        except ContractError:
+            assert not round_trip, last
+        else:
+            assert round_trip, last
+            accepted.append(last)
+    assert len(accepted) == 4
