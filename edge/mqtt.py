@@ -252,7 +252,11 @@ class MqttLink:
     ``subscriptions`` are (topic filter, qos) pairs re-subscribed on every connection.
     ``make_will`` is called on the link thread before a connection attempt that needs a new
     will (after every successful connection), so each session's death message carries its own
-    session counter. ``sink`` receives LinkUp / LinkDown / LinkMessage / PublishDone.
+    session counter. ``sink`` receives LinkUp / LinkDown / LinkMessage / PublishDone; with
+    ``on_message`` given, each message goes to ``on_message(topic, payload, qos, retain)``
+    instead of becoming a LinkMessage (the ops monitor's ingest: no event object per
+    message). Either is called on the link thread, and what it raises is logged, never
+    passed to paho.
     """
 
     def __init__(self, *, client_id: str, host: str, port: int, sink: Callable[[object], None],
@@ -260,12 +264,14 @@ class MqttLink:
                  subscriptions: tuple[tuple[str, int], ...] = (),
                  make_will: Callable[[], Will | None] | None = None,
                  tls: TlsSettings | None = None, session_expiry_s: int = 3600,
-                 rng: random.Random | None = None, name: str = "mqtt") -> None:
+                 rng: random.Random | None = None, name: str = "mqtt",
+                 on_message: Callable[[str, bytes, int, bool], None] | None = None) -> None:
         self.host, self.port = host, port
         self.keepalive_s = keepalive_s
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
         self.subscriptions = tuple(subscriptions)
         self._sink = sink
+        self._on_msg = on_message
         self._make_will = make_will
         self._will_used = True
         self._session_expiry_s = session_expiry_s
@@ -453,14 +459,20 @@ class MqttLink:
             log.exception("%s: on_disconnect failed", self._name)
 
     def _on_message(self, client, userdata, message) -> None:
+        # paho's own reader (a PUBLISH with properties, QoS 2): the same way out as _Client's.
         try:
-            self._emit(LinkMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain)))
+            topic = message.topic               # raises for a topic that is not UTF-8
         except Exception:
             log.exception("%s: on_message failed", self._name)
+            return
+        self._on_fast_publish(topic, bytes(message.payload), message.qos, bool(message.retain))
 
     def _on_fast_publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         try:
-            self._emit(LinkMessage(topic, payload, qos, retain))
+            if self._on_msg is not None:
+                self._on_msg(topic, payload, qos, retain)
+            else:
+                self._sink(LinkMessage(topic, payload, qos, retain))
         except Exception:
             log.exception("%s: on_message failed", self._name)
 

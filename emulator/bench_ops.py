@@ -13,9 +13,19 @@ Figures, all on this machine:
 
 Rates count verified messages from the first to the last one handled (monotonic clock,
 which Linux shares between processes). Ratios: ``one_process / raw_verify`` (target >=
-0.7) and ``two_processes / one_process`` (target close to 2). The number of CPUs is
-reported with them: two processes cannot double on a machine whose cores are already busy
-with the broker and the first process.
+0.7) and ``two_processes / one_process`` (target close to 2).
+
+Each stage runs ``repeats`` times, with a raw measurement before each run, and the ratios
+are given twice: best run against best raw figure (``*_vs_raw``: the least disturbed
+figures, as timeit takes the minimum) and median against median (``*_vs_raw_median``). On
+this shared machine the speed drifts by a third within seconds: the same 20,000-message
+run took 3.2 s, 4.1 s and 4.2 s back to back (the monitor's CPU time rose with it, so it
+ran slower rather than waited), and raw verify measured 6,000-9,100 per second over a day.
+A single run against a raw figure taken minutes earlier measured the drift, not the monitor.
+
+The number of CPUs and the CPU seconds the broker and the monitors used are reported with
+each run: with two cores, two monitor processes share them with the broker (about 20 us of
+CPU per message here), so "close to 2" means close to ``(cpus - broker share) / 1``.
 
 The publisher writes pre-encoded MQTT 3.1.1 PUBLISH packets on a raw socket, so producing
 the stream costs next to nothing; the broker gets its own config with unbounded queues so a
@@ -29,12 +39,14 @@ import json
 import os
 import secrets
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -201,16 +213,16 @@ def _worker(args: argparse.Namespace) -> int:
     from ops.monitor import Monitor
 
     first = last = None
-    lock = threading.Lock()
 
     class TimedMonitor(Monitor):
+        # No lock: with verify threads, two may race to set ``last``, and the loser's time
+        # is at most one message older (the harness must not cost what it measures).
         def handle(self, topic, payload, *, retained=False):
             nonlocal first, last
             result = super().handle(topic, payload, retained=retained)
-            now = time.monotonic()
-            with lock:
-                first = now if first is None else first
-                last = now
+            last = time.monotonic()
+            if first is None:
+                first = last
             return result
 
     inv = load_inventory(args.inventory)
@@ -231,7 +243,8 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_processes(n: int, *, port: int, inventory: Path, sealed, workers: int) -> dict:
+def _run_processes(n: int, *, port: int, inventory: Path, sealed, workers: int,
+                   broker_pid: int) -> dict[str, Any]:
     procs = [subprocess.Popen([sys.executable, "-m", "emulator.bench_ops", "worker",
                                "--port", str(port), "--inventory", str(inventory),
                                "--workers", str(workers)],
@@ -242,12 +255,14 @@ def _run_processes(n: int, *, port: int, inventory: Path, sealed, workers: int) 
             line = p.stdout.readline()
             if "ready" not in line:
                 raise RuntimeError(f"bench monitor did not start: {line!r}")
+        cpu0 = {pid: _cpu_ticks(pid) for pid in [broker_pid] + [p.pid for p in procs]}
         publish_s = publish_all(port, sealed)
         deadline = time.monotonic() + 120
         results = []
         # Each process reports only when told; ask once the broker's queues have drained,
         # which the broker's own $SYS counters do not tell portably: poll /proc for idleness.
         _wait_idle([p.pid for p in procs], deadline)
+        cpu = {pid: (_cpu_ticks(pid) - t) / _TICKS for pid, t in cpu0.items()}
         for p in procs:
             p.stdin.write("done\n")
             p.stdin.flush()
@@ -264,7 +279,12 @@ def _run_processes(n: int, *, port: int, inventory: Path, sealed, workers: int) 
             "of": len(sealed), "seconds": round(span, 3),
             "per_s": round(verified / span) if span > 0 else None,
             "per_process": [r["verified"] for r in results],
-            "publish_s": round(publish_s, 3)}
+            "publish_s": round(publish_s, 3),
+            "cpu_s": {"broker": round(cpu.pop(broker_pid), 2),
+                      "monitors": [round(v, 2) for v in cpu.values()]}}
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -323,7 +343,7 @@ class _BenchBroker:
 
 
 def run_ops_bench(out: Path, messages: int = 20000, kiosks: int = 50,
-                  workers: int = 0) -> dict:
+                  workers: int = 0, repeats: int = 3) -> dict:
     """Run every figure; write ``out/bench_ops.json`` and return the figures."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,28 +355,48 @@ def run_ops_bench(out: Path, messages: int = 20000, kiosks: int = 50,
     figures: dict[str, object] = {"cpus": os.cpu_count(), "messages": messages, "kiosks": kiosks,
                                   "payload_bytes_mean": sum(len(p) for _, p in sealed)
                                   // len(sealed)}
-    raw = raw_verify_rate(sealed, keys)
-    figures["raw_verify_per_s"] = round(raw)
-    inproc = inprocess_rate(sealed, out / "inventory.toml")
-    figures["inprocess_per_s"] = round(inproc)
-    figures["inprocess_vs_raw"] = round(inproc / raw, 3)
+    raws: list[float] = []
+    stages: dict[str, list[dict]] = {"inprocess": [], "one_process_2_workers": [],
+                                     "one_process": [], "two_processes": []}
+    for _ in range(repeats):
+        raws.append(raw_verify_rate(sealed, keys))
+        stages["inprocess"].append({"per_s": inprocess_rate(sealed, out / "inventory.toml")})
     broker = _BenchBroker(out / "broker").start()
+    broker_pid = broker.proc.pid if broker.proc is not None else 0
     try:
-        one_w2 = _run_processes(1, port=broker.port, inventory=out / "inventory.toml",
-                                sealed=sealed, workers=2)
-        one = _run_processes(1, port=broker.port, inventory=out / "inventory.toml",
-                             sealed=sealed, workers=workers)
-        two = _run_processes(2, port=broker.port, inventory=out / "inventory.toml",
-                             sealed=sealed, workers=workers)
+        for _ in range(repeats):
+            for name, n, w in (("one_process_2_workers", 1, 2), ("one_process", 1, workers),
+                               ("two_processes", 2, workers)):
+                raws.append(raw_verify_rate(sealed, keys))
+                stages[name].append(_run_processes(
+                    n, port=broker.port, inventory=out / "inventory.toml", sealed=sealed,
+                    workers=w, broker_pid=broker_pid))
     finally:
         broker.stop()
-    figures["one_process_2_workers"] = one_w2
-    figures["one_process"] = one
-    figures["two_processes"] = two
-    if one["per_s"]:
-        figures["one_process_vs_raw"] = round(one["per_s"] / raw, 3)
-        figures["one_process_2_workers_vs_raw"] = round((one_w2["per_s"] or 0) / raw, 3)
-        figures["two_vs_one_process"] = round((two["per_s"] or 0) / one["per_s"], 3)
+    raws.append(raw_verify_rate(sealed, keys))
+    raw_best, raw_median = max(raws), statistics.median(raws)
+    figures["raw_verify_per_s"] = round(raw_best)
+    figures["raw_verify_median_per_s"] = round(raw_median)
+    figures["raw_verify_spread"] = [round(min(raws)), round(max(raws))]
+    best: dict[str, float] = {}
+    median: dict[str, float] = {}
+    for name, runs in stages.items():
+        rates = [r["per_s"] or 0 for r in runs]
+        best[name], median[name] = max(rates), statistics.median(rates)
+        if name == "inprocess":
+            figures["inprocess_per_s"] = round(best[name])
+        else:
+            # The best run in full (its split, CPU seconds), and every run's rate.
+            figures[name] = dict(max(runs, key=lambda r: r["per_s"] or 0),
+                                 runs_per_s=[round(r) for r in rates])
+    for name in ("inprocess", "one_process", "one_process_2_workers"):
+        figures[f"{name}_vs_raw"] = round(best[name] / raw_best, 3)
+        figures[f"{name}_vs_raw_median"] = round(median[name] / raw_median, 3)
+    if best["one_process"]:
+        figures["two_vs_one_process"] = round(best["two_processes"] / best["one_process"], 3)
+    if median["one_process"]:
+        figures["two_vs_one_process_median"] = round(
+            median["two_processes"] / median["one_process"], 3)
     figures["targets"] = {"one_process_vs_raw": ">= 0.7", "two_vs_one_process": "close to 2"}
     (out / "bench_ops.json").write_text(json.dumps(figures, indent=2))
     return figures

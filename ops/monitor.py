@@ -174,6 +174,7 @@ class Monitor:
         # hence a session expiry of minutes, not hours.
         self.link = link_factory(
             client_id=f"{instance}-mon", host=host, port=port, sink=self._route,
+            on_message=self._on_message,
             keepalive_s=keepalive_s, subscriptions=subscriptions(self.halls, share_group),
             reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s,
             session_expiry_s=session_expiry_s, tls=tls, name=f"{instance}-monitor")
@@ -213,18 +214,21 @@ class Monitor:
         self.stop()
 
     # -- the link thread: route only ------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if not self._queues:
+            try:
+                self.handle(topic, payload, retained=retain)
+            except Exception:  # one message must never stop the link
+                log.exception("monitor failed on a message")
+            return
+        # hall/{h}/kiosk/{d}/...: the device picks the worker, so a kiosk stays in order.
+        levels = topic.split("/", 4)
+        device = levels[3] if len(levels) > 3 else ""
+        self._queues[hash(device) % len(self._queues)].put(LinkMessage(topic, payload, qos, retain))
+
     def _route(self, ev: object) -> None:
-        if isinstance(ev, LinkMessage):
-            if not self._queues:
-                try:
-                    self.handle(ev.topic, ev.payload, retained=ev.retain)
-                except Exception:  # one message must never stop the link
-                    log.exception("monitor failed on a message")
-                return
-            # hall/{h}/kiosk/{d}/...: the device picks the worker, so a kiosk stays in order.
-            levels = ev.topic.split("/", 4)
-            device = levels[3] if len(levels) > 3 else ""
-            self._queues[hash(device) % len(self._queues)].put(ev)
+        if isinstance(ev, LinkMessage):          # from a link that has no on_message
+            self._on_message(ev.topic, ev.payload, ev.qos, ev.retain)
         elif isinstance(ev, LinkUp):
             self.stats.connected = True
             self._connected.set()

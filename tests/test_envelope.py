@@ -952,3 +952,21 @@ def test_sig_spelling_rule_is_the_round_trip_rule():
             assert round_trip, last
             accepted.append(last)
     assert len(accepted) == 4
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda p: p.replace(b'"severity":"warning"', b'"severity":"warning","severity":"warning"'),
+     "duplicate object key"),
+    (lambda p: p.replace(b'"seq":1', b'"seq":1.0'), "float not allowed"),
+    (lambda p: p.replace(b'"seq":1', b'"seq":90071992547409910'), "integer outside"),
+    (lambda p: p.replace(b'"name":"', b'"name":"\\ud800'), "lone surrogate"),
+    (lambda p: p.replace(b'"v":1', b'"v":1,"x":1'), "unknown field"),
+])
+def test_a_failed_fast_path_reports_what_the_contract_order_finds_first(keyring, change, words):
+    """A signed payload changed so that step 3 or 4 refuses it: the plain parse of the fast
+    path does not see that, its signature check fails, and the reference path then words
+    the first problem in the contract's order, not the signature."""
+    payload = change(_signer().seal(T7.event, "event", BODIES["event"]))
+    with pytest.raises(ContractError, match=words) as caught:
+        verify(payload, T7.event, keyring)
+    assert not isinstance(caught.value, SignatureError)
