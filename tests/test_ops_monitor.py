@@ -199,6 +199,46 @@ def test_a_gap_is_reported_when_messages_are_dropped(hall, tmp_path):
         mon.stop()
 
 
+def test_verify_threads_keep_each_kiosk_in_order(hall):
+    """``workers=2``: the link thread only routes, by device, and two threads verify. Every
+    message is counted once, each kiosk's messages are verified in the order they were
+    sent (no "late" and no gap), and a forged one is still refused."""
+    mon = start_monitor(hall, workers=2)
+    seen: list[tuple[str, int, str]] = []
+    handle = mon.handle
+
+    def recording(topic, payload, **kw):
+        result = handle(topic, payload, **kw)
+        if hasattr(result, "seq_status"):
+            seen.append((result.device, result.seq, result.seq_status))
+        return result
+
+    mon.handle = recording                     # the workers look it up per message
+    wires = [Wire(hall, hall.add_kiosk(f"w{n}")) for n in range(3)]
+    try:
+        n = 100
+        sealed = [(wire, wire.event("tick", i=i)) for i in range(n) for wire in wires]
+        # All at once (paho queues them), so the workers' queues fill up: order only holds
+        # if each kiosk's messages go to one worker.
+        infos = [wire.client.publish(topic, payload, qos=1) for wire, (topic, payload) in sealed]
+        for info in infos:
+            info.wait_for_publish(10)
+        forged = wires[0].event("forged")
+        wires[0].publish(forged[0], forged[1].replace(b'"forged"', b'"forget"'))
+        wait_for(lambda: mon.stats_copy()["received"] >= 3 * n + 1, what="every message")
+        stats = mon.stats_copy()
+        assert stats["verified"] == 3 * n and stats["rejected"]["signature"] == 1
+        for wire in wires:
+            mine = [(seq, status) for dev, seq, status in seen if dev == wire.topics.device]
+            assert [seq for seq, _ in mine] == list(range(1, n + 1))
+            assert {status for _, status in mine} <= {"first", "ok"}
+        assert all(k.lost == 0 for k in mon.snapshot())
+    finally:
+        for wire in wires:
+            wire.close()
+        mon.stop()
+
+
 def test_a_bad_signature_raises_an_alert(hall, caplog):
     published: list = []
     mon = start_monitor(hall, published=published)
