@@ -19,6 +19,7 @@ and one SequenceTracker per subscription it cares about. See docs/mqtt-contract.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import re
@@ -217,8 +218,12 @@ def _b64url(data: bytes) -> str:
 _LAST_SIG_CHARS: Final = frozenset("AQgw")
 
 
+_URLSAFE_TO_STD: Final = bytes.maketrans(b"-_", b"+/")
+
+
 def _decode_sig(sig: str) -> bytes:
-    raw = base64.urlsafe_b64decode(sig + "==")
+    # Step 4 checked the alphabet (_SIG_RE): base64url's two letters, then binascii.
+    raw = binascii.a2b_base64(sig.encode("ascii").translate(_URLSAFE_TO_STD) + b"==")
     # Refuse the non-canonical spellings (spare bits set): one signature, one string.
     if len(raw) != 64 or len(sig) != 86 or sig[-1] not in _LAST_SIG_CHARS:
         raise ContractError("envelope.sig: not canonical base64url of 64 bytes")
@@ -563,9 +568,11 @@ def _without_sig(raw: bytes, sig: str) -> bytes | None:
     here as those bytes mean, where re-serializing refuses it.
     """
     member = b',"sig":"' + sig.encode("ascii") + b'"'
-    if raw.count(member) != 1:
+    at = raw.find(member)
+    end = at + len(member)
+    if at < 0 or raw.find(member, end) >= 0:
         return None
-    return raw.replace(member, b"", 1)
+    return raw[:at] + raw[end:]
 
 
 def _signature_ok(entry: KeyEntry, sig: bytes, signed: bytes) -> bool:

@@ -328,7 +328,8 @@ class Fleet:
         self._set_status(k, v.body["status"], v.body.get("reason"), now, changes)
 
     def _on_telemetry(self, k: _Kiosk, v: Verified, now: float, changes: list[Change]) -> None:
-        k.telemetry = dict(v.body)
+        # Not copied: verify() parsed this body for this message alone (snapshots copy).
+        k.telemetry = v.body
         for key, value in v.body.items():
             if isinstance(value, dict) and ("fault" in value or "warning" in value):
                 self._reconcile(k, key, value.get("fault"), k.faults, "fault", "recovered",
