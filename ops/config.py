@@ -14,7 +14,8 @@ Layout (every section optional except ``[ops]``)::
     share_group = ""                   # "" = see everything; an id = split telemetry, events,
                                        # tickets and command results with the other instances
                                        # of that group (gap detection is then off)
-    workers = 0                        # 0: verify on the MQTT thread (fastest measured); N: threads
+    workers = 0                        # 0: verify on the MQTT thread (one core); N: verify
+                                       # threads, for spare cores (2 on 2 cores: about 1.3x)
     tick_s = 1.0                       # heartbeat, gap and alert evaluation period
     publish_alerts = true              # sign alerts and publish them on hall/{h}/kiosk/{d}/alert
     alert_key = "ops-1.key"            # the key they are signed with (certificate role
