@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -100,6 +101,11 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
 #: Bytes asked of the socket per read (the kernel hands over what it has; TLS gives one
 #: record, up to 16 KiB, and paho's loop comes straight back for the rest).
 RECV_BYTES = 256 * 1024
+#: The largest packet the link accepts, announced to the broker in CONNECT (MQTT 5
+#: Maximum Packet Size: the broker then never sends a bigger one). Contract payloads are at
+#: most 16 KiB (mqtt_topics.schemas.MAX_PAYLOAD); this leaves room for anything else on a
+#: link while bounding what a cut packet can make the reader hold.
+MAX_PACKET_BYTES = 1024 * 1024
 _PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
 _PUBACK_HEADER = bytes([_PUBACK, 2])
 
@@ -127,10 +133,13 @@ class _Client(paho.Client):
     - every other packet (CONNACK, SUBACK, PUBACK of our own publishes, PINGRESP,
       DISCONNECT, QoS 2, a PUBLISH with properties or a topic that is not UTF-8) is handed
       whole to paho's own ``_packet_handle``, after the PUBACKs collected before it;
-    - a packet cut by the end of a read waits, bytes kept, for the next read; a remaining
-      length of more than 4 bytes or a PUBLISH shorter than its own header closes the
-      connection as a protocol error (paho's answer to the first), after writing the PUBACKs
-      of the messages delivered before it.
+    - a packet cut by the end of a read waits, bytes kept, for the next reads (appended:
+      a big packet in 16 KiB TLS records costs linear time, not quadratic);
+    - a remaining length of more than 4 bytes, a packet bigger than MAX_PACKET_BYTES, a
+      PUBLISH shorter than its own header, or a packet paho's handler finds malformed or
+      unknown closes the connection as a protocol error (paho's answer to the first), after
+      writing the PUBACKs of the messages delivered before it: a resumed session would
+      otherwise deliver them again.
 
     ``fast_publish`` unset (None) keeps paho's reader, one packet per recv() sequence. The
     private parts of paho used here (``_sock_recv``, ``_packet_handle``, ``_packet_queue``,
@@ -140,14 +149,15 @@ class _Client(paho.Client):
 
     fast_publish: Callable[[str, bytes, int, bool], None] | None = None
     _rsock: object = None
-    _rbuf: bytes | bytearray = b""
+    _rbuf: bytes | bytearray = b""      # the start of a cut packet (a bytearray of our own)
+    _rneed = 0                          # its whole size, once its header was read
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         sock = self._sock
         if self.fast_publish is None or sock is None or self._in_packet["command"]:
             return super().loop_read(max_packets)
         if self._rsock is not sock:           # a new connection: nothing carried over
-            self._rsock, self._rbuf = sock, b""
+            self._rsock, self._rbuf, self._rneed = sock, b"", 0
         try:
             data = self._sock_recv(RECV_BYTES)
         except BlockingIOError:
@@ -159,8 +169,14 @@ class _Client(paho.Client):
             return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()
-        buf = self._rbuf + data if self._rbuf else data
-        self._rbuf = b""
+        if self._rbuf:
+            self._rbuf += data                   # in place: _split made it a bytearray
+            if len(self._rbuf) < self._rneed:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS     # still cut: nothing to split yet
+            buf: bytes | bytearray = self._rbuf
+            self._rbuf, self._rneed = b"", 0
+        else:
+            buf = data
         rc = self._split(sock, buf)
         return self._loop_rc_handle(rc) if rc > 0 else MQTTErrorCode.MQTT_ERR_SUCCESS
 
@@ -191,9 +207,15 @@ class _Client(paho.Client):
                     break
             if cut or rc:
                 break
+            if length > MAX_PACKET_BYTES:
+                log.warning("MQTT packet of %d bytes, more than the %d announced", length,
+                            MAX_PACKET_BYTES)
+                rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+                break
             start, end = i, i + length
             if end > end_buf:
-                break                                      # the body is cut
+                self._rneed = end - pos                    # the body is cut
+                break
             qos = (header >> 1) & 3
             if header & 0xF0 == _PUBLISH and qos < 2:
                 tlen = (buf[start] << 8 | buf[start + 1]) if length >= 2 else -1
@@ -222,22 +244,26 @@ class _Client(paho.Client):
                                "packet": bytearray(buf[start:end]), "to_process": 0, "pos": 0}
             try:
                 rc = self._packet_handle()
-            except MalformedPacket as exc:
-                log.warning("malformed MQTT packet: %s", exc)
+            except (MalformedPacket, struct.error) as exc:  # paho's decoders raise both
+                log.warning("malformed MQTT packet: %s", exc or "truncated")
                 rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
             finally:
                 self._in_packet = _fresh_in_packet()
             pos = end
             if rc > 0 or self._sock is not sock:           # error, or the handler closed it
                 break
-        if acks and self._sock is sock:
+        if self._sock is not sock:
+            return rc
+        if acks:
             self._queue_pubacks(acks)
-            if rc > 0:
-                # Delivered messages are acknowledged before the connection is dropped for
-                # what came after them; a resumed session would deliver them again otherwise.
-                self._packet_write()
-        if rc <= 0 and self._sock is sock and pos < end_buf:
-            self._rbuf = buf[pos:]
+        if rc > 0:
+            # Delivered messages are acknowledged before the connection is dropped for what
+            # came after them (paho's reconnect empties the queue of what was not written).
+            self._packet_write()
+        elif pos < end_buf:
+            self._rbuf = bytearray(buf[pos:])
+        else:
+            self._rneed = 0
         return rc
 
     def _queue_pubacks(self, mids: list[int]) -> None:
@@ -374,6 +400,7 @@ class MqttLink:
                 self._prepare_will()
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = self._session_expiry_s
+                props.MaximumPacketSize = MAX_PACKET_BYTES
                 self._client.connect(self.host, self.port, keepalive=self.keepalive_s,
                                      clean_start=False, properties=props)
             except Exception as exc:  # OSError, ssl errors: the broker is unreachable

@@ -599,8 +599,11 @@ def _authenticate(raw: bytes, topic: str, keyring: Keyring,
     signer's bug aside, see _without_sig; the schema of step 11 still refuses floats and
     out-of-range integers anywhere in a body). Anything else, a failed signature included,
     takes the reference path from the start: every check in the contract's order, with
-    its words. No signature is checked twice over the same bytes, so a forged payload
-    costs one Ed25519 verify, as before.
+    its words. No signature is checked twice over the same bytes: a canonical payload,
+    forged or not, costs one Ed25519 verify; one that is not canonical (a relay re-wrote
+    it, or a forger did) costs two, the bytes as sent and the re-serialized ones. That is
+    the price of not re-serializing the payloads every sender emits; a forger who wants
+    the second verify must still be let onto a kiosk topic by the broker's ACL.
     """
     head = SIGNING_PREFIX + topic.encode("utf-8") + b"\n"
     tried: set[bytes] = set()

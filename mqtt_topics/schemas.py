@@ -558,8 +558,9 @@ class Struct(Spec):
 class _Compiler:
     """Turns a spec into one Python function: Int, Bool, Str, Nullable, Scalar and AnyOf
     become inline expressions, each Struct, ListOf and MapOf a small function of its own.
-    Only names and integers are written into the source; every other constant (patterns,
-    enums, the cross-field rules) is passed in the namespace, so no value reaches the code.
+    Only names, integers (through int()) and the schemas' own field names (through repr())
+    are written into the source; every other constant (patterns, enums, the cross-field
+    rules) is passed in the namespace, so nothing from a message reaches the code.
     Why: a telemetry body has some 30 free keys, and a method call per key and per value
     was most of the schema's cost on the monitor's verify path (`make bench`, ops part)."""
 

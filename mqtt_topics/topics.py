@@ -253,14 +253,15 @@ _PARSED_MAX = 4096
 
 def parse_topic(topic: object) -> TopicParts:
     """Split a concrete kiosk topic (no wildcards) into its parts; raise ContractError otherwise."""
-    if type(topic) is str:
-        known = _PARSED.get(topic)
-        if known is not None:
-            return known
+    if type(topic) is not str:
+        return _parse_topic(topic)            # a str subclass is parsed, never remembered
+    known = _PARSED.get(topic)
+    if known is not None:
+        return known
     parts = _parse_topic(topic)
     if len(_PARSED) >= _PARSED_MAX:
         _PARSED.clear()
-    _PARSED[topic] = parts  # type: ignore[index]   (a str: anything else raised)
+    _PARSED[topic] = parts
     return parts
 
 

@@ -288,7 +288,10 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
                   + _publish5(b"t/e", b"two", qos=2, mid=4)
                   + _publish5("t/\u00e9".encode(), b"four", mid=5))
         second = len(_publish5(b"t/a", b"one", mid=1))
-        cuts = [1, second + 1, second + 2, second + 5, second + 7, len(stream) - 3]
+        # Inside the first packet's header; then in the second: after its command byte,
+        # inside its 2-byte remaining length, between topic length and topic, inside the
+        # topic, inside the packet id; and inside the last payload.
+        cuts = [1, second + 1, second + 2, second + 5, second + 7, second + 9, len(stream) - 3]
         for a, b in zip([0] + cuts, cuts + [len(stream)]):
             before = len(reads)
             conn.sendall(stream[a:b])
@@ -304,6 +307,9 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
         assert scripted.acks(0x40) == [1, 2, 3, 5]
         wait_for(lambda: scripted.acks(0x70) == [4], what="PUBCOMP of the QoS 2 message")
         assert link.connected
+        # CONNECT announced the largest packet the reader takes (property 0x27).
+        connect = next(body for header, body in scripted.received if header == 0x10)
+        assert b"\x27" + mqtt.MAX_PACKET_BYTES.to_bytes(4, "big") in connect
     finally:
         link.stop(drain_s=0)
         scripted.close()
@@ -314,6 +320,9 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
     pytest.param(b"\x32\x05\x00\x09t/", id="topic-longer-than-the-packet"),
     pytest.param(b"\x32\x01\x00", id="publish-without-topic-length"),
     pytest.param(b"\x32\x05\x00\x03t/x", id="qos1-without-packet-id"),
+    pytest.param(b"\x32\x81\x80\x40", id="bigger-than-the-announced-maximum"),
+    pytest.param(b"\x00\x00", id="unknown-packet-type"),                  # paho's handler
+    pytest.param(b"\x34\x05\x00\x09t/", id="qos2-topic-longer-than-the-packet"),   # paho's
 ])
 def test_a_malformed_packet_drops_the_connection_not_the_link(bad):
     """What came before the bad packet is delivered and acknowledged; the link reports the
@@ -352,6 +361,38 @@ def test_a_topic_that_is_not_utf8_is_refused_and_acknowledged():
         assert (msg.topic, msg.payload) == ("t/g", b"good")
         wait_for(lambda: scripted.acks(0x40) == [3, 4], what="both PUBACKs")
         assert link.connected
+    finally:
+        link.stop(drain_s=0)
+        scripted.close()
+
+
+def test_a_big_packet_in_small_reads_is_kept_not_split_again():
+    """A 900 KiB PUBLISH arriving 16 KiB at a time (TLS records): the reader learns its
+    size from the first read, appends the rest in place and splits once more when it is
+    whole (re-splitting or re-copying at every read would cost quadratic time)."""
+    scripted = _ScriptedBroker()
+    got: list[LinkMessage] = []
+    link = _scripted_link(scripted, lambda ev: got.append(ev) if isinstance(ev, LinkMessage)
+                          else None)
+    try:
+        conn = scripted.conns.get(timeout=10)
+        assert scripted.subscribed.wait(10)
+        reads = _counting_reads(link)
+        client = link._client
+        splits: list[int] = []
+        split = client._split
+        client._split = lambda sock, buf: splits.append(len(buf)) or split(sock, buf)
+        payload = bytes(range(256)) * 3600                    # 921,600 bytes
+        packet = _publish5(b"t/big", payload, mid=11) + _publish5(b"t/after", b"x", mid=12)
+        chunks = [packet[i:i + 16384] for i in range(0, len(packet), 16384)]
+        for chunk in chunks:
+            before = len(reads)
+            conn.sendall(chunk)
+            wait_for(lambda: len(reads) > before, what="the client reading a chunk")
+        wait_for(lambda: len(got) == 2, what="both messages")
+        assert [(m.topic, m.payload) for m in got] == [("t/big", payload), ("t/after", b"x")]
+        assert len(splits) == 2, splits                       # the first read, the last
+        wait_for(lambda: scripted.acks(0x40) == [11, 12], what="both PUBACKs")
     finally:
         link.stop(drain_s=0)
         scripted.close()

@@ -225,7 +225,9 @@ def test_verify_threads_keep_each_kiosk_in_order(hall):
             info.wait_for_publish(10)
         forged = wires[0].event("forged")
         wires[0].publish(forged[0], forged[1].replace(b'"forged"', b'"forget"'))
-        wait_for(lambda: mon.stats_copy()["received"] >= 3 * n + 1, what="every message")
+        # ``seen`` grows after handle() returns, the counters inside it: wait for both.
+        wait_for(lambda: mon.stats_copy()["received"] >= 3 * n + 1 and len(seen) >= 3 * n,
+                 what="every message")
         stats = mon.stats_copy()
         assert stats["verified"] == 3 * n and stats["rejected"]["signature"] == 1
         for wire in wires:
