@@ -141,6 +141,10 @@ class _Client(paho.Client):
       writing the PUBACKs of the messages delivered before it: a resumed session would
       otherwise deliver them again.
 
+    A read's PUBACKs are queued when its last message was handled, so ``disconnect()``
+    (another thread's, as MqttLink.stop() calls it) waits for a read in progress: the
+    DISCONNECT goes out after the PUBACKs, and a resumed session has nothing to redeliver.
+
     ``fast_publish`` unset (None) keeps paho's reader, one packet per recv() sequence. The
     private parts of paho used here (``_sock_recv``, ``_packet_handle``, ``_packet_queue``,
     ``_loop_rc_handle``, ``_in_packet``, ``_msgtime_mutex``, ``_last_bytes_received``,
@@ -151,6 +155,15 @@ class _Client(paho.Client):
     _rsock: object = None
     _rbuf: bytes | bytearray = b""      # the start of a cut packet (a bytearray of our own)
     _rneed = 0                          # its whole size, once its header was read
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Reentrant: a handler called from _split may itself disconnect (a refused CONNACK).
+        self._reading = threading.RLock()
+
+    def disconnect(self, *args, **kwargs) -> MQTTErrorCode:
+        with self._reading:
+            return super().disconnect(*args, **kwargs)
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         sock = self._sock
@@ -177,7 +190,8 @@ class _Client(paho.Client):
             self._rbuf, self._rneed = b"", 0
         else:
             buf = data
-        rc = self._split(sock, buf)
+        with self._reading:
+            rc = self._split(sock, buf)
         return self._loop_rc_handle(rc) if rc > 0 else MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _split(self, sock: object, buf: bytes | bytearray) -> MQTTErrorCode:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 
@@ -186,6 +187,7 @@ class _ScriptedBroker:
         self.received: list[tuple[int, bytes]] = []       # (first byte, body)
         self.conns: queue.Queue = queue.Queue()
         self.subscribed = threading.Event()
+        self.sync_mids: set[int] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -235,28 +237,52 @@ class _ScriptedBroker:
     def settle(self, conn) -> None:
         """Send a QoS 1 PUBLISH on "sync" and wait for its PUBACK: the client has then read
         and handled everything sent before it (the SUBACK included)."""
-        mid = 60000 + len(self.acks(0x40))
+        mid = 60000 + len(self.sync_mids)
+        self.sync_mids.add(mid)
         conn.sendall(_publish5(b"sync", b"", mid=mid))
-        wait_for(lambda: mid in self.acks(0x40), what="the client to catch up")
+        wait_for(lambda: mid in self.acks(0x40, sync=True), what="the client to catch up")
 
-    def acks(self, kind: int) -> list[int]:
-        """Packet ids of the client's packets of ``kind`` (0x40 PUBACK, 0x50 PUBREC...)."""
-        return [int.from_bytes(body[:2], "big") for h, body in self.received if h & 0xF0 == kind]
+    def acks(self, kind: int, *, sync: bool = False) -> list[int]:
+        """Packet ids of the client's packets of ``kind`` (0x40 PUBACK, 0x50 PUBREC...),
+        without those of the sync messages unless asked."""
+        return [mid for h, body in self.received if h & 0xF0 == kind
+                for mid in [int.from_bytes(body[:2], "big")]
+                if sync or mid not in self.sync_mids]
 
     def close(self) -> None:
         self.listener.close()
 
 
-def _scripted_link(scripted: _ScriptedBroker, sink) -> MqttLink:
-    link = MqttLink(client_id="hostile", host="127.0.0.1", port=scripted.port, sink=sink,
+@contextlib.contextmanager
+def _scripted(sink):
+    """A link to a fresh scripted broker, connected, subscribed and settled (its sync
+    messages kept from ``sink``): (broker, link, conn)."""
+    def test_sink(ev: object) -> None:
+        if not (isinstance(ev, LinkMessage) and ev.topic == "sync"):
+            sink(ev)
+
+    scripted = _ScriptedBroker()
+    link = MqttLink(client_id="hostile", host="127.0.0.1", port=scripted.port, sink=test_sink,
                     subscriptions=(("t/#", 1),), reconnect_min_s=0.05, reconnect_max_s=0.2)
     link.start()
-    return link
+    try:
+        conn = scripted.conns.get(timeout=10)
+        assert scripted.subscribed.wait(10)
+        scripted.settle(conn)
+        yield scripted, link, conn
+    finally:
+        link.stop(drain_s=0)
+        scripted.close()
 
 
-def _counting_reads(link: MqttLink) -> list[int]:
-    """Lengths of what each recv() of the link returned (the test waits on them so that
-    every cut it makes is a cut the reader sees)."""
+def _collect(got: list[LinkMessage]):
+    """A sink keeping the messages (and nothing else)."""
+    return lambda ev: got.append(ev) if isinstance(ev, LinkMessage) else None
+
+
+def _send_in_reads(conn, link: MqttLink, pieces: list[bytes]) -> None:
+    """Send each piece only once the link has read the one before, so every cut between
+    pieces is a cut the reader sees (it reads whatever the socket holds)."""
     reads: list[int] = []
     client = link._client
     recv = client._sock_recv
@@ -267,7 +293,10 @@ def _counting_reads(link: MqttLink) -> list[int]:
         return data
 
     client._sock_recv = counted
-    return reads
+    for piece in pieces:
+        before = len(reads)
+        conn.sendall(piece)
+        wait_for(lambda: len(reads) > before, what="the client reading a piece")
 
 
 def test_the_reader_keeps_order_and_acks_across_any_cut():
@@ -279,15 +308,8 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
 
     for name in ("_sock_recv", "_packet_handle", "_packet_queue", "_loop_rc_handle"):
         assert callable(getattr(mqtt.paho.Client, name, None)), name    # what _Client uses
-    scripted = _ScriptedBroker()
     got: list[LinkMessage] = []
-    link = _scripted_link(scripted, lambda ev: got.append(ev) if isinstance(ev, LinkMessage)
-                          and ev.topic != "sync" else None)
-    try:
-        conn = scripted.conns.get(timeout=10)
-        assert scripted.subscribed.wait(10)
-        scripted.settle(conn)
-        reads = _counting_reads(link)
+    with _scripted(_collect(got)) as (scripted, link, conn):
         big = bytes(range(256)) * 3                           # remaining length of 2 bytes
         stream = (_publish5(b"t/a", b"one", mid=1)
                   + _publish5(b"t/b", big, mid=2, retain=True)
@@ -300,10 +322,7 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
         # inside its 2-byte remaining length, between topic length and topic, inside the
         # topic, inside the packet id; and inside the last payload.
         cuts = [1, second + 1, second + 2, second + 5, second + 7, second + 9, len(stream) - 3]
-        for a, b in zip([0] + cuts, cuts + [len(stream)]):
-            before = len(reads)
-            conn.sendall(stream[a:b])
-            wait_for(lambda: len(reads) > before, what="the client reading the cut")
+        _send_in_reads(conn, link, [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])])
         wait_for(lambda: scripted.acks(0x50) == [4], what="PUBREC of the QoS 2 message")
         conn.sendall(b"\x62\x02\x00\x04")                     # PUBREL: paho delivers it now
         wait_for(lambda: len(got) == 6, what="six messages")
@@ -311,16 +330,13 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
             ("t/a", b"one", 1, False), ("t/b", big, 1, True), ("t/c", b"zero", 0, False),
             ("t/d", b"props", 1, False), ("t/\u00e9", b"four", 1, False),
             ("t/e", b"two", 2, False)]
-        wait_for(lambda: len(scripted.acks(0x40)) == 5, what="four PUBACKs after the sync's")
-        assert scripted.acks(0x40)[1:] == [1, 2, 3, 5]
+        wait_for(lambda: len(scripted.acks(0x40)) == 4, what="four PUBACKs")
+        assert scripted.acks(0x40) == [1, 2, 3, 5]
         wait_for(lambda: scripted.acks(0x70) == [4], what="PUBCOMP of the QoS 2 message")
         assert link.connected
         # CONNECT announced the largest packet the reader takes (property 0x27).
         connect = next(body for header, body in scripted.received if header == 0x10)
         assert b"\x27" + mqtt.MAX_PACKET_BYTES.to_bytes(4, "big") in connect
-    finally:
-        link.stop(drain_s=0)
-        scripted.close()
 
 
 @pytest.mark.parametrize("bad", [
@@ -335,12 +351,8 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
 def test_a_malformed_packet_drops_the_connection_not_the_link(bad):
     """What came before the bad packet is delivered and acknowledged; the link reports the
     protocol error, connects again and carries on."""
-    scripted = _ScriptedBroker()
     events: queue.Queue = queue.Queue()
-    link = _scripted_link(scripted, events.put)
-    try:
-        conn = scripted.conns.get(timeout=10)
-        assert scripted.subscribed.wait(10)
+    with _scripted(events.put) as (scripted, link, conn):
         conn.sendall(_publish5(b"t/ok", b"before", mid=7) + bad + _publish5(b"t/x", b"x", mid=8))
         assert _next(events, LinkMessage).payload == b"before"
         _next(events, LinkDown)
@@ -350,58 +362,34 @@ def test_a_malformed_packet_drops_the_connection_not_the_link(bad):
         msg = _next(events, LinkMessage)
         assert msg.payload == b"after"                         # the bad one's tail was dropped
         assert scripted.acks(0x40)[:1] == [7] and 8 not in scripted.acks(0x40)
-    finally:
-        link.stop(drain_s=0)
-        scripted.close()
 
 
 def test_a_topic_that_is_not_utf8_is_refused_and_acknowledged():
     """paho's own path words it (the sink never sees it); the PUBACK still goes out, so the
     broker does not send it again and again, and the next message comes through."""
-    scripted = _ScriptedBroker()
     events: queue.Queue = queue.Queue()
-    link = _scripted_link(scripted, events.put)
-    try:
-        conn = scripted.conns.get(timeout=10)
-        assert scripted.subscribed.wait(10)
+    with _scripted(events.put) as (scripted, link, conn):
         conn.sendall(_publish5(b"t/\xff", b"bad", mid=3) + _publish5(b"t/g", b"good", mid=4))
         msg = _next(events, LinkMessage)
         assert (msg.topic, msg.payload) == ("t/g", b"good")
         wait_for(lambda: scripted.acks(0x40) == [3, 4], what="both PUBACKs")
         assert link.connected
-    finally:
-        link.stop(drain_s=0)
-        scripted.close()
 
 
 def test_a_big_packet_in_small_reads_is_kept_not_split_again():
     """A 900 KiB PUBLISH arriving 16 KiB at a time (TLS records): the reader learns its
     size from the first read, appends the rest in place and splits once more when it is
     whole (re-splitting or re-copying at every read would cost quadratic time)."""
-    scripted = _ScriptedBroker()
     got: list[LinkMessage] = []
-    link = _scripted_link(scripted, lambda ev: got.append(ev) if isinstance(ev, LinkMessage)
-                          and ev.topic != "sync" else None)
-    try:
-        conn = scripted.conns.get(timeout=10)
-        assert scripted.subscribed.wait(10)
-        scripted.settle(conn)
-        reads = _counting_reads(link)
+    with _scripted(_collect(got)) as (scripted, link, conn):
         client = link._client
         splits: list[int] = []
         split = client._split
         client._split = lambda sock, buf: splits.append(len(buf)) or split(sock, buf)
         payload = bytes(range(256)) * 3600                    # 921,600 bytes
         packet = _publish5(b"t/big", payload, mid=11) + _publish5(b"t/after", b"x", mid=12)
-        chunks = [packet[i:i + 16384] for i in range(0, len(packet), 16384)]
-        for chunk in chunks:
-            before = len(reads)
-            conn.sendall(chunk)
-            wait_for(lambda: len(reads) > before, what="the client reading a chunk")
+        _send_in_reads(conn, link, [packet[i:i + 16384] for i in range(0, len(packet), 16384)])
         wait_for(lambda: len(got) == 2, what="both messages")
         assert [(m.topic, m.payload) for m in got] == [("t/big", payload), ("t/after", b"x")]
         assert len(splits) == 2, splits                       # the first read, the last
-        wait_for(lambda: scripted.acks(0x40)[1:] == [11, 12], what="both PUBACKs")
-    finally:
-        link.stop(drain_s=0)
-        scripted.close()
+        wait_for(lambda: scripted.acks(0x40) == [11, 12], what="both PUBACKs")
