@@ -63,9 +63,10 @@ class MosquittoBroker:
         )
         text = text.replace("{port}", str(self.port)).replace("{host}", self.host)
         # Started as root, Mosquitto 2.0 switches to the user 'mosquitto', which cannot reach a
-        # root-owned work dir (pytest's is mode 700): the plain broker then wrote no log and
-        # no persistence snapshot, without a word. It runs as whoever started it instead, as
-        # the PKI hall's generated config already says (provisioning.emulated).
+        # root-owned work dir (pytest's is mode 700): it could not read the PKI hall's 0600
+        # broker key, and the plain broker wrote no log and no persistence snapshot, without
+        # a word. This private loopback broker keeps the user who started it, whatever config
+        # it runs (the option is read before the privileges drop, wherever it stands).
         if os.getuid() == 0 and not any(line.split()[:1] == ["user"]
                                         for line in text.splitlines()):
             text += "\nuser root\n"
@@ -121,12 +122,14 @@ class MosquittoBroker:
                 self.proc.wait(timeout=10)
         self._close_pipes()
 
-    def log_lines(self) -> list[str]:
-        """What the broker logged so far (errors, warnings, notices: connects and disconnects)."""
+    def log_messages(self) -> list[str]:
+        """What the broker logged so far (errors, warnings, notices: connects and disconnects),
+        each message without its timestamp ("1796446662: Client k1 disconnected.")."""
         try:
-            return self.log_path.read_text(errors="replace").splitlines()
+            text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return []
+        return [line.partition(": ")[2] for line in text.splitlines()]
 
     def reload(self) -> None:
         """SIGHUP: reread config, CRL and ACLs."""

@@ -16,8 +16,6 @@ Layout under ``workdir``::
 
 from __future__ import annotations
 
-import os
-import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +34,6 @@ from .crl import revoke as revoke_id
 from .enroll import enroll, generate_device_key, issue_broker, issue_service, make_csr
 from .inventory import InventoryEntry
 from .trust import keyring_from_certs
-
-def _current_user() -> str | None:
-    """The user to keep when the test broker starts as root (it would otherwise drop to
-    'mosquitto' and fail to read the 0600 key files this process wrote)."""
-    return pwd.getpwuid(os.getuid()).pw_name if os.getuid() == 0 else None
-
 
 DEFAULT_SERVICES = (("ledger", "consumer"), ("ops", "ops"), ("auditor", "monitor"))
 
@@ -122,7 +114,7 @@ class HallMaterials:
         return me
 
     def regenerate_broker_config(self) -> None:
-        conf, _ = write_broker_config(self.ca, self.broker_dir, run_as_user=_current_user())
+        conf, _ = write_broker_config(self.ca, self.broker_dir)
         self.broker_conf_text = conf.read_text()
 
     def revoke(self, ident: str, reason: str = "key_compromise") -> list[InventoryEntry]:
@@ -147,7 +139,7 @@ def provision_emulated_hall(workdir: str | Path, devices: Iterable[str] = (), *,
     ca = create_hall_ca(base / "ca", hall, clock=clock)
     broker_dir = base / "broker"
     issue_broker(ca, broker_dir, dns_names=broker_names, ip_addresses=broker_ips, clock=clock)
-    conf, files = write_broker_config(ca, broker_dir, run_as_user=_current_user())
+    conf, files = write_broker_config(ca, broker_dir)
     mats = HallMaterials(hall, base, ca, broker_dir, conf.read_text(), files.cafile,
                          files.crlfile, clock=clock)
     for ident, role in services:
