@@ -1,0 +1,179 @@
+"""A city on loopback: a 3-node NATS cluster, hall brokers bridged to it, emulated kiosks,
+a hall ledger per hall, the central city ledger, and the faults (``make city``, tests).
+
+``CityRun`` owns every process it starts and stops them all on exit. Figures come from
+the ledgers and the kiosks' outboxes, never from the brokers' word.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emulator.broker import MosquittoBroker
+from ops.consumer import TicketConsumer
+from provisioning.emulated import DEFAULT_SERVICES, HallMaterials, provision_emulated_hall
+
+from .bridge import render_bridge_conf
+from .cluster import NatsCluster
+from .kiosks import LightKiosk
+from .ledger import CityLedger, HallTrust
+from .pki import city_pki
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> float:
+    """Poll ``predicate`` until true; returns the seconds it took, raises on the deadline."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def city_ledger_id(hall: str) -> str:
+    return f"cityledger-{hall}"
+
+
+@dataclass
+class Hall:
+    name: str
+    mats: HallMaterials
+    broker: MosquittoBroker
+    ledger: TicketConsumer
+    kiosks: list[LightKiosk] = field(default_factory=list)
+
+    def bridge_connected(self) -> bool:
+        return any("Connecting bridge" in m or "bridge" in m.lower() for m in self.broker.log_messages())
+
+
+class CityRun:
+    def __init__(self, workdir: str | Path, *, halls: int = 3, kiosks_per_hall: int = 3,
+                 nodes: int = 3) -> None:
+        self.dir = Path(workdir).absolute()
+        self.n_halls, self.n_kiosks = halls, kiosks_per_hall
+        self.pki = city_pki(self.dir / "city-pki")
+        self.cluster = NatsCluster(self.dir / "cluster", self.pki.node_tls(), size=nodes)
+        self.halls: list[Hall] = []
+        self.city: CityLedger | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> "CityRun":
+        self.cluster.start()
+        self.cluster.wait_mqtt_ready(self.pki.service("probe"))
+        trusts = []
+        for i in range(self.n_halls):
+            name = f"hall{i + 1}"
+            devices = [f"{name}-k{j + 1}" for j in range(self.n_kiosks)]
+            mats = provision_emulated_hall(
+                self.dir / name, devices, hall=name,
+                services=DEFAULT_SERVICES + ((city_ledger_id(name), "consumer"),))
+            conf = mats.broker_conf_text + "\n" + render_bridge_conf(
+                name, self.cluster.mqtt_addresses, self.pki.bridge(name))
+            broker = MosquittoBroker(self.dir / name / "broker-run", conf_text=conf).start()
+            ledger = TicketConsumer(service_id="ledger", hall=name, key=mats["ledger"].key,
+                                    keyring=mats.keyring(), state_dir=self.dir / name / "ledger",
+                                    host=broker.host, port=broker.port,
+                                    tls=mats.tls_for("ledger")).start()
+            hall = Hall(name, mats, broker, ledger)
+            ring = mats.keyring()
+            for d in devices:
+                hall.kiosks.append(LightKiosk(name, d, mats[d].key, mats.tls_for(d), ring,
+                                              broker.host, broker.port).start())
+            self.halls.append(hall)
+            cid = city_ledger_id(name)
+            trusts.append(HallTrust(name, mats.keyring(), cid, mats[cid].key))
+        self.city = CityLedger(client_id="cityledger", halls=trusts,
+                               state_dir=self.dir / "city-ledger",
+                               addresses=self.cluster.mqtt_addresses,
+                               tls=self.pki.service("cityledger", role="consumer")).start()
+        wait_until(lambda: all(k.connected for h in self.halls for k in h.kiosks), 30,
+                   "every kiosk connected to its hall broker")
+        return self
+
+    def close(self) -> None:
+        for h in self.halls:
+            for k in h.kiosks:
+                k.stop()
+            h.ledger.stop()
+        if self.city is not None:
+            self.city.stop()
+        for h in self.halls:
+            h.broker.stop()
+        self.cluster.stop()
+
+    def __enter__(self) -> "CityRun":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- traffic ---------------------------------------------------------------------
+    @property
+    def kiosks(self) -> list[LightKiosk]:
+        return [k for h in self.halls for k in h.kiosks]
+
+    def issue(self, per_kiosk: int = 1) -> list[str]:
+        return [k.issue() for _ in range(per_kiosk) for k in self.kiosks]
+
+    def acked_by_hall(self, uids: list[str]) -> bool:
+        acked = set().union(*(k.acked("ledger") for k in self.kiosks))
+        return set(uids) <= acked
+
+    def acked_by_city(self, uids: list[str]) -> bool:
+        acked = set().union(*(k.acked(city_ledger_id(k.hall)) for k in self.kiosks))
+        return set(uids) <= acked
+
+    def wait_acked(self, uids: list[str], *, city: bool, timeout_s: float = 60.0,
+                   resend_every_s: float = 3.0) -> float:
+        """Until every ticket in ``uids`` has the hall ledger's ack (and the city's when
+        ``city``); kiosks re-send what is still in their outbox, as the agent does."""
+        check = self.acked_by_city if city else self.acked_by_hall
+        t0 = time.monotonic()
+        last = t0
+        while not check(uids):
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"timed out after {timeout_s} s waiting for "
+                                   f"{'city' if city else 'hall'} acks")
+            if time.monotonic() - last > resend_every_s:
+                for k in self.kiosks:
+                    k.resend_unacked()
+                last = time.monotonic()
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    def city_has(self, uids: list[str]) -> bool:
+        by_hall: dict[str, list[str]] = {}
+        for u in uids:
+            by_hall.setdefault(u.split("-k")[0], []).append(u)
+        return all(self.city.ledgers[h].lookup(u) is not None
+                   for h, us in by_hall.items() for u in us)
+
+    # -- figures ---------------------------------------------------------------------
+    def figures(self) -> dict[str, int]:
+        """Acked tickets lost: acked by any ledger (as the kiosk saw it) but missing from the
+        hall ledger, or from the city ledger. Duplicates: deliveries the ledgers removed."""
+        acked = set().union(*(k.acked() for k in self.kiosks))
+        lost_hall = lost_city = dup_hall = dup_city = rows_hall = rows_city = 0
+        for h in self.halls:
+            hall_rows = {r.ticket_uid: r for r in h.ledger.ledger.rows()}
+            city_rows = {r.ticket_uid: r for r in self.city.ledgers[h.name].rows()}
+            mine = {u for u in acked if u.startswith(f"{h.name}-k")}
+            lost_hall += len(mine - hall_rows.keys())
+            lost_city += len(mine - city_rows.keys())
+            dup_hall += sum(r.deliveries - 1 for r in hall_rows.values())
+            dup_city += sum(r.deliveries - 1 for r in city_rows.values())
+            rows_hall += len(hall_rows)
+            rows_city += len(city_rows)
+            for rows in (hall_rows, city_rows):
+                if len({r.ticket_uid for r in rows.values()}) != len(rows):
+                    raise AssertionError("a ledger holds a ticket twice")
+        return {"acked": len(acked), "lost_hall": lost_hall, "lost_city": lost_city,
+                "rows_hall": rows_hall, "rows_city": rows_city,
+                "duplicates_removed_hall": dup_hall, "duplicates_removed_city": dup_city}
