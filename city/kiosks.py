@@ -35,6 +35,7 @@ class LightKiosk:
         self.outbox: dict[str, dict] = {}          # ticket_uid -> body, until acked
         self.acked_by: dict[str, set[str]] = {}    # ticket_uid -> consumer ids that acked
         self.issued: dict[str, float] = {}          # ticket_uid -> monotonic issue time
+        self.bodies: dict[str, dict] = {}           # ticket_uid -> body, kept for re-sends
         self.first_ack: dict[tuple[str, str], float] = {}  # (uid, sender) -> monotonic
         self.bad_acks = 0
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device,
@@ -92,12 +93,19 @@ class LightKiosk:
                     "printed": "yes"}
             self.outbox[uid] = body
             self.issued[uid] = time.monotonic()
+            self.bodies[uid] = body
         self._send(body)
         return uid
 
     def _send(self, body: dict) -> None:
         t = self.topics.ticket
         self._client.publish(t, self.signer.seal(t, "ticket", body), qos=1)
+
+    def resend(self, uid: str) -> None:
+        """Send an already issued ticket again (a kiosk that missed the ack)."""
+        with self._lock:
+            body = self.bodies[uid]
+        self._send(body)
 
     def resend_unacked(self) -> int:
         """Re-send every outbox entry with a fresh envelope (what the agent does when no

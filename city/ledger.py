@@ -71,9 +71,11 @@ class CityLedger:
         c.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
         c.reconnect_delay_set(0.2, 2)
         c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
         c.on_message = lambda _c, _u, m: self._q.put(m)
         self._client = c
         self._next_addr = 0
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="city-ledger", daemon=True)
 
     def start(self) -> "CityLedger":
@@ -88,16 +90,17 @@ class CityLedger:
             return
         client.subscribe([(HallTopics(h).all_tickets, 1) for h in self.halls])
 
-    def fail_over(self) -> None:
-        """Point the client at the next cluster node (paho reconnects to one address)."""
+    def _on_disconnect(self, client, _u, _flags, _reason, _props) -> None:
+        """paho reconnects to the address it was given: move to the next cluster node
+        first (the session lives in JetStream on every node, so it resumes there)."""
+        if self._stopping:
+            return
         self._next_addr = (self._next_addr + 1) % len(self.addresses)
         host, port = self.addresses[self._next_addr]
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._client.connect_async(host, port, keepalive=10)
-        self._client.loop_start()
+        client.connect_async(host, port, keepalive=10)
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._q.put(None)

@@ -1,0 +1,79 @@
+"""The fault scenario shared by ``make city`` and tests/test_city.py: a cluster node
+killed, the city cut off from every hall (all nodes down, then back), a hall broker
+restarted; tickets issued throughout. Returns the figures; the caller asserts or prints.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .harness import CityRun, wait_until
+
+
+def run_faults(run: CityRun, *, per_kiosk: int = 2, cut_s: float = 5.0,
+               timeout_s: float = 90.0) -> dict[str, float]:
+    fig: dict[str, float] = {}
+    all_uids: list[str] = []
+
+    # Baseline, and throughput: a burst through hall brokers, bridges and the city ledger.
+    uids = run.issue(per_kiosk)
+    run.wait_acked(uids, city=True, timeout_s=timeout_s)
+    all_uids += uids
+    burst = run.issue(per_kiosk * 10)
+    t0 = time.monotonic()
+    run.wait_acked(burst, city=True, timeout_s=timeout_s)
+    fig["city_tickets_per_s"] = len(burst) / (time.monotonic() - t0)
+    all_uids += burst
+
+    # 1. The node the bridges and the city ledger use (the first address) is killed.
+    node = run.cluster.nodes[0]
+    node.kill()
+    t0 = time.monotonic()
+    uids = run.issue(per_kiosk)
+    run.wait_acked(uids, city=False, timeout_s=timeout_s)
+    run.wait_acked(uids, city=True, timeout_s=timeout_s)
+    fig["node_failover_s"] = time.monotonic() - t0
+    all_uids += uids
+    node.start()
+    node.wait_listening()
+
+    # 2. The city is cut off (every node down): halls go on alone, then catch up.
+    for n in run.cluster.nodes:
+        n.stop()
+    uids = run.issue(per_kiosk)
+    run.wait_acked(uids, city=False, timeout_s=timeout_s)
+    fig["hall_acked_while_city_down"] = len(uids)
+    deadline = time.monotonic() + cut_s
+    while time.monotonic() < deadline:      # the cut lasts cut_s while kiosks keep issuing
+        more = run.issue(1)
+        run.wait_acked(more, city=False, timeout_s=timeout_s)
+        uids += more
+    t0 = time.monotonic()
+    run.cluster.start()
+    run.wait_acked(uids, city=True, timeout_s=timeout_s * 2)
+    fig["city_catch_up_s"] = time.monotonic() - t0
+    fig["tickets_during_cut"] = len(uids)
+    all_uids += uids
+
+    # 3. A hall broker restarted (clean stop, then start on the same port and data).
+    hall = run.halls[0]
+    hall.broker.stop()
+    hall.broker.start()
+    wait_until(lambda: all(k.connected for k in hall.kiosks), timeout_s,
+               "hall1's kiosks back on their restarted broker")
+    uids = run.issue(per_kiosk)
+    run.wait_acked(uids, city=True, timeout_s=timeout_s)
+    all_uids += uids
+
+    # Every kiosk sends its first ticket again: both ledgers must take it as a duplicate.
+    before = run.figures()
+    for k in run.kiosks:
+        k.resend(f"{k.device}:1")
+    n = len(run.kiosks)
+    wait_until(lambda: (run.figures()["duplicates_removed_hall"] >= before["duplicates_removed_hall"] + n
+                        and run.figures()["duplicates_removed_city"] >= before["duplicates_removed_city"] + n),
+               timeout_s, "the re-sent tickets counted as duplicates by both ledgers")
+    fig.update(run.figures())
+    fig["tickets_issued"] = len(all_uids)
+    fig["tickets_in_city_ledger"] = sum(1 for u in all_uids if run.city_has([u]))
+    return fig
