@@ -2,12 +2,13 @@
 PY      := .venv/bin/python
 PYTEST  := .venv/bin/pytest
 
-.PHONY: all setup demo test test-fast bench lint clean help
+.PHONY: all setup demo test test-fast bench city lint clean help
 
 help:
 	@echo "make demo   - run one emulated kiosk against a real local broker (sets up .venv)"
 	@echo "make test   - the test suite: protocol, device, broker integration, end to end"
 	@echo "make bench  - benchmarks: tap-to-ticket latency, idle RSS/CPU, start-to-ready"
+	@echo "make city   - a city on loopback: 3-node NATS cluster, bridged hall brokers, faults, figures"
 	@echo "make qemu-image - build the arm64 Debian image with the agent installed (cached)"
 	@echo "make qemu-test  - boot it under QEMU and check boot, ticket, kill -9, power-off"
 	@echo "make clean  - remove .venv and generated output"
@@ -28,10 +29,14 @@ test-fast: setup
 bench: setup
 	$(PY) -m hallkiosk.cli bench --out bench-out
 
+# The city tier (docs/city.md): its own 3-node NATS cluster and hall brokers on loopback.
+city: setup
+	$(PY) -m city --out city-out
+
 # The QEMU tier: make qemu-image (debootstrap arm64, cached in ~/.cache/hallkiosk-qemu) and
 # make qemu-test (boots it; see docs/qemu.md).
 include qemu/Makefile.inc
 
 clean:
-	rm -rf .venv demo-out bench-out .pytest_cache .hypothesis
+	rm -rf .venv demo-out bench-out city-out .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

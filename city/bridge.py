@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edge.mqtt import TlsSettings
 from mqtt_topics.topics import SUFFIX_FOR_KIND, TO_KIOSK_KINDS, KINDS
-from provisioning.ca import check_id
+from provisioning.ca import check_id, write_public_file
 from provisioning.errors import ProvisioningError
 
 #: Kinds the bridge sends to the city (everything but what the city sends to kiosks).
@@ -66,3 +66,23 @@ def render_bridge_conf(hall: str, addresses: Iterable[tuple[str, int]], tls: Tls
     for kind in TO_KIOSK_KINDS:
         lines.append(f"topic {base}/{SUFFIX_FOR_KIND[kind]} in {BRIDGE_QOS.get(kind, 1)}")
     return "\n".join(lines) + "\n"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProvisioningError(f"{text!r}: expected HOST:PORT of a city node")
+    return host, int(port)
+
+
+def write_bridge_conf(out: Path, hall: str, addresses: Iterable[str], cafile: Path,
+                      certfile: Path, keyfile: Path) -> Path:
+    """Write the bridge section for ``hall`` to ``out`` (paths made absolute)."""
+    tls = TlsSettings(str(Path(cafile).absolute()), str(Path(certfile).absolute()),
+                      str(Path(keyfile).absolute()))
+    for p in (tls.ca_file, tls.cert_file, tls.key_file):
+        if not Path(p).is_file():
+            raise ProvisioningError(f"{p}: missing")
+    text = render_bridge_conf(hall, [parse_address(a) for a in addresses], tls)
+    write_public_file(Path(out), text.encode())
+    return Path(out)

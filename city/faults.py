@@ -74,6 +74,7 @@ def run_faults(run: CityRun, *, per_kiosk: int = 2, cut_s: float = 5.0,
                         and run.figures()["duplicates_removed_city"] >= before["duplicates_removed_city"] + n),
                timeout_s, "the re-sent tickets counted as duplicates by both ledgers")
     fig.update(run.figures())
-    fig["tickets_issued"] = len(all_uids)
-    fig["tickets_in_city_ledger"] = sum(1 for u in all_uids if run.city_has([u]))
+    issued = [u for k in run.kiosks for u in k.issued]
+    fig["tickets_issued"] = len(issued)
+    fig["tickets_in_city_ledger"] = sum(1 for u in issued if run.city_has([u]))
     return fig

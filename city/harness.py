@@ -91,7 +91,23 @@ class CityRun:
                                tls=self.pki.service("cityledger", role="consumer")).start()
         wait_until(lambda: all(k.connected for h in self.halls for k in h.kiosks), 30,
                    "every kiosk connected to its hall broker")
+        self.wait_bridges()
         return self
+
+    def wait_bridges(self, timeout_s: float = 60.0) -> None:
+        """Until a ticket of every hall has crossed its bridge and the city's ack came back.
+        Mosquitto queues messages for a bridge only once that bridge has connected: what a
+        hall publishes before its first connection never reaches the city."""
+        probes = {h.name: h.kiosks[0].issue() for h in self.halls}
+        t0 = last = time.monotonic()
+        while not self.acked_by_city(list(probes.values())):
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"bridges not carrying tickets within {timeout_s} s")
+            if time.monotonic() - last > 2.0:
+                for h in self.halls:
+                    h.kiosks[0].resend(probes[h.name])
+                last = time.monotonic()
+            time.sleep(0.05)
 
     def close(self) -> None:
         for h in self.halls:

@@ -88,7 +88,10 @@ class CityLedger:
     def _on_connect(self, client, _u, _flags, reason, _props) -> None:
         if reason.is_failure:
             return
-        client.subscribe([(HallTopics(h).all_tickets, 1) for h in self.halls])
+        # One SUBSCRIBE per filter: NATS 2.9's MQTT gateway took only the first filter of
+        # a multi-filter SUBSCRIBE here (the other halls' tickets never arrived).
+        for h in self.halls:
+            client.subscribe(HallTopics(h).all_tickets, 1)
 
     def _on_disconnect(self, client, _u, _flags, _reason, _props) -> None:
         """paho reconnects to the address it was given: move to the next cluster node

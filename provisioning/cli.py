@@ -138,6 +138,15 @@ def cmd_broker_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bridge_conf(args: argparse.Namespace) -> int:
+    from city.bridge import write_bridge_conf
+
+    conf = write_bridge_conf(args.out, args.hall, args.city_node, args.cafile, args.certfile,
+                             args.keyfile)
+    _out(f"bridge config: {conf} (append to the hall broker's conf.d, after its listener)")
+    return 0
+
+
 # -- kiosk --------------------------------------------------------------------------------
 def cmd_keygen(args: argparse.Namespace) -> int:
     from .enroll import generate_device_key, make_csr, write_csr
@@ -367,6 +376,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument("--port", type=int, default=8883)
     q.add_argument("--chown", help="give the broker's files to this user (run as root)")
     q.set_defaults(func=cmd_broker_conf)
+
+    q = ps.add_parser("bridge-conf", help="generate the hall broker's bridge to the city tier")
+    q.add_argument("--hall", required=True)
+    q.add_argument("--city-node", action="append", required=True, metavar="HOST:PORT",
+                   help="a city cluster node's MQTT address; repeat for failover, first preferred")
+    q.add_argument("--cafile", type=Path, required=True, help="the city CA chain (PEM)")
+    q.add_argument("--certfile", type=Path, required=True, help="this hall bridge's certificate")
+    q.add_argument("--keyfile", type=Path, required=True, help="this hall bridge's key")
+    q.add_argument("--out", type=Path, required=True, help="the conf file to write")
+    q.set_defaults(func=cmd_bridge_conf)
 
     q = ps.add_parser("verify", help="check a kiosk's bundle, certificate, CRL and key")
     q.add_argument("--dir", type=Path, required=True)

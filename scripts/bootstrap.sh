@@ -15,6 +15,8 @@ EXTRA=${1:-test}
 need=()
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# The city tier's clustered broker (JetStream + MQTT gateway; docs/city.md).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 if ! ldconfig -p 2>/dev/null | grep -q 'libzbar\.so\.0'; then need+=(libzbar0); fi
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
 for extra_pkg in ${HALLKIOSK_APT_EXTRA:-}; do
@@ -34,7 +36,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-# The Debian mosquitto package starts a system broker; we never use it (tests and the demo
+# The Debian mosquitto and nats-server packages start system brokers; we never use them (tests and the demo
 # start their own on a free loopback port), and we leave it alone.
 
 stamp="$VENV/.hallkiosk-installed"

@@ -39,3 +39,20 @@ def test_city_faults_lose_no_acknowledged_ticket(tmp_path):
     assert fig["tickets_in_city_ledger"] == fig["tickets_issued"]
     assert fig["rows_hall"] == fig["rows_city"] == fig["tickets_issued"]
     assert fig["duplicates_removed_city"] >= 6 and fig["duplicates_removed_hall"] >= 6
+
+
+def test_provision_bridge_conf_command(tmp_path, capsys):
+    from hallkiosk.cli import main
+
+    for name in ("ca.pem", "b.crt", "b.key"):
+        (tmp_path / name).write_text("x")
+    out = tmp_path / "bridge.conf"
+    rc = main(["provision", "bridge-conf", "--hall", "hall7", "--city-node", "127.0.0.1:1884",
+               "--city-node", "127.0.0.1:1885", "--cafile", str(tmp_path / "ca.pem"),
+               "--certfile", str(tmp_path / "b.crt"), "--keyfile", str(tmp_path / "b.key"),
+               "--out", str(out)])
+    assert rc == 0
+    lines = out.read_text().splitlines()
+    assert "connection city-hall7" in lines
+    assert "address 127.0.0.1:1884 127.0.0.1:1885" in lines
+    assert f"bridge_certfile {tmp_path / 'b.crt'}" in lines
