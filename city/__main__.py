@@ -16,10 +16,10 @@ from .harness import CityRun
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m city", description=__doc__)
-    ap.add_argument("--halls", type=int, default=5)
-    ap.add_argument("--kiosks", type=int, default=10, help="kiosks per hall")
+    ap.add_argument("--halls", type=int, default=3)
+    ap.add_argument("--kiosks", type=int, default=4, help="kiosks per hall")
     ap.add_argument("--per-kiosk", type=int, default=3, help="tickets per kiosk per phase")
-    ap.add_argument("--cut-s", type=float, default=60.0, help="how long the city is cut off")
+    ap.add_argument("--cut-s", type=float, default=20.0, help="how long the city is cut off")
     ap.add_argument("--out", type=Path, default=Path("city-out"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -88,8 +88,7 @@ class CityLedger:
     def _on_connect(self, client, _u, _flags, reason, _props) -> None:
         if reason.is_failure:
             return
-        # One SUBSCRIBE per filter: NATS 2.9's MQTT gateway took only the first filter of
-        # a multi-filter SUBSCRIBE here (the other halls' tickets never arrived).
+        # One filter per hall: the city ledger reads only the halls it holds a keyring for.
         for h in self.halls:
             client.subscribe(HallTopics(h).all_tickets, 1)
 
