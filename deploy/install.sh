@@ -145,7 +145,7 @@ run "$PREFIX/bin/pip" install --disable-pip-version-check --no-cache-dir --upgra
 # installed package, not a checkout in the current directory. After a Python upgrade from
 # apt, run install.sh again (dpkg does not know these files; the agent still runs without
 # them, compiling at each start).
-run "$PREFIX/bin/python" -P -m edge.lean --precompile
+run "$PREFIX/bin/python" -P -m edge.footprint --precompile
 
 # -- 3. config directory ---------------------------------------------------------------------
 if [ "$WRITE" = 1 ]; then install -d -m 0750 "$ROOT/etc/hallkiosk"; fi

@@ -25,7 +25,7 @@ from edge.gpio import Indication, ServicePanel, make_pin_factory
 from edge.health import BROKER, CLOCK, PRINTER, READER, STORE, Health, PollSchedule, printer_level
 from edge.idcard_worker import CardUnreadable, IdCardWorker
 from edge.keys import load_private_key, load_secret, public_from_raw
-from edge.lean import release_startup_memory
+from edge.footprint import release_startup_memory
 from edge.commands import CommandGate, Refusal
 from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, PublishDone, Will
 from edge.printing import PrinterHandle
@@ -365,7 +365,7 @@ class Agent:
         self.publisher.flush_events()
         if not self._memory_released:
             # Start-up is over once the first connection is made and its birth sent: hand
-            # its garbage back (edge.lean; the agent's resident budget is 30 MB).
+            # its garbage back (edge.footprint; the agent's resident budget is 30 MB).
             self._memory_released = True
             release_startup_memory()
 

@@ -1,34 +1,40 @@
-"""Signed operator commands: authenticate, check address, expiry and replay, then answer.
+"""Signed operator commands: authenticate, check address, order, expiry and replay, answer.
 
 Wiring (the agent): subscribe to ``topics.cmd``; for each LinkMessage on it::
 
     outcome = gate.check(msg.payload, msg.topic)           # Command | Refusal, never raises
-    body = gate.result_body(outcome)                        # None if it cannot be answered
-    if body is not None:
-        publisher.send(topics.cmd_result, "cmd_result", body)
+    publisher.send(topics.cmd_result, "cmd_result", gate.result_body(outcome))
     if isinstance(outcome, Refusal):
         publisher.event("command_refused", "warning", "cmd", **gate.refusal_event(outcome))
 
 and, once an accepted Command has run, ``gate.result_body(cmd, status="done" | "failed",
 reason=..., detail=...)``. The keyring holds the hall's ops certificates' keys
-(provisioning.trust.keyring_from_certs), role ``ops``.
+(provisioning.trust.keyring_from_certs), role ``ops``. The rules are the contract's
+(docs/mqtt-contract.md section 3, "cmd"); checks, in order (the first failure is the
+refusal's ``code``):
 
-Checks, in order (the first failure is the refusal's ``code``):
 1. ``malformed`` / ``misaddressed``: the topic is this kiosk's cmd topic;
-2. the contract's verify (type cmd; kid known: else ``unknown_key``, which is also what a
-   revoked ops key gets; signature over THIS topic: else ``bad_signature``; schema; body
-   target = topic device: else ``misaddressed``);
-3. ``not_authorised``: the signing key's role is ``ops``;
-4. ``expired`` (expires_at_ms passed by the kiosk's wall clock) or ``too_far_future``
+2. the contract's verify, steps 1-12 (type cmd; kid known: else ``unknown_key``, which is
+   also what a revoked ops key gets; signature over THIS topic: else ``bad_signature``; the
+   ``ops`` role: else ``not_authorised``; schema, body target = topic device: else
+   ``misaddressed`` or ``malformed``; the sequence rules of section 8 against every command
+   of that sender this kiosk has verified: else ``replayed``);
+3. ``expired`` (expires_at_ms passed by the kiosk's wall clock) or ``too_far_future``
    (expires more than ``window_s`` ahead: a command must be fresh, so the replay cache
    never has to remember a nonce for longer than the window);
-5. ``replayed``: nonce already seen; ``busy``: the bounded nonce cache is full of unexpired
+4. ``replayed``: nonce already seen; ``busy``: the bounded nonce cache is full of unexpired
    nonces (fail closed: forgetting one would re-open its replay).
 
-Replay memory: a nonce is remembered until its command's expiry (at most ``window_s``).
-With ``nonce_file`` the cache is also written (atomically, before the command is
-accepted) so a restart within the window does not forget it; without, the expiry bound
-alone limits what a restart forgets (the contract's minimum).
+Every command gets one ``cmd_result``. It names the command (``cmd_seq``, ``nonce``) only
+when the command is authentic and new (steps 3-4 and acceptance); a refusal of anything
+else (unauthenticated, malformed, or a replay of a command already answered) carries null
+for both, the claimed values in ``detail``, so ops never read a second answer, "refused",
+for a command they sent.
+
+Replay memory: a nonce is remembered until its command's expiry (at most ``window_s``);
+each ops sender's (boot, highest seq, window) as long as the kiosk lives. With
+``nonce_file`` both are also written (atomically, before the command is accepted) so a
+restart forgets neither; without, the expiry bound alone limits what a restart forgets.
 
 A kiosk whose wall clock is wrong (a Pi without RTC before NTP) refuses everything as
 expired or too far ahead: commands wait for a trusted clock, which is the safe side.
@@ -46,8 +52,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from edge.clock import Clock
-from hallkiosk.errors import ContractError, SignatureError
-from mqtt_topics.envelope import Keyring, verify
+from hallkiosk.errors import ContractError, ReplayError, RoleError, SignatureError
+from mqtt_topics.envelope import Keyring, SequenceTracker, verify
 from mqtt_topics.schemas import MAX_PAYLOAD, MAX_SAFE_INT, NONCE
 from mqtt_topics.topics import ID_RE, parse_topic, validate_id
 
@@ -65,7 +71,7 @@ REFUSALS: Final = {
     "not_authorised": "signer does not hold the ops role",
     "expired": "command expired",
     "too_far_future": "expiry further ahead than the replay window allows",
-    "replayed": "nonce already used",
+    "replayed": "already received (its seq or its nonce)",
     "busy": "too many recent commands to remember; retry later",
 }
 _NONCE_RE: Final = NONCE.pattern
@@ -89,18 +95,16 @@ class Command:
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a command was refused. ``nonce``/``seq``/``sender`` are what the payload CLAIMED
-    (unauthenticated when the code is about the signature): enough to answer it, never
-    trusted for anything else. None when the payload did not even carry them."""
+    (None when it did not even carry them); ``authentic`` says the envelope verified and is
+    new, so its answer may name it (module docstring). Otherwise they are shown to ops as
+    claims, never trusted for anything."""
 
     code: str
     detail: str
     nonce: str | None = None
     seq: int | None = None
     sender: str | None = None
-
-    @property
-    def answerable(self) -> bool:
-        return self.nonce is not None and self.seq is not None
+    authentic: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,18 +147,21 @@ def _text(value: str) -> str:
 
 
 class NonceCache:
-    """nonce -> expiry (ms), bounded; optionally mirrored to a JSON file.
+    """nonce -> expiry (ms), bounded, and the ops senders' sequence tracker; optionally
+    mirrored to a JSON file.
 
-    Entries leave once their expiry has passed. The file is rewritten atomically on every
+    Nonces leave once their expiry has passed. The file is rewritten atomically on every
     change (commands are rare: an fsync each is cheap); a damaged file is logged and
     ignored, since expiry still bounds replays.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_NONCES, path: Path | None = None) -> None:
+    def __init__(self, max_entries: int = DEFAULT_MAX_NONCES, path: Path | None = None,
+                 tracker: SequenceTracker | None = None) -> None:
         if type(max_entries) is not int or max_entries < 1:
             raise ValueError("NonceCache: max_entries must be an int >= 1")
         self.max_entries = max_entries
         self.path = Path(path) if path is not None else None
+        self.tracker = tracker if tracker is not None else SequenceTracker()
         self._seen: dict[str, int] = {}
         if self.path is not None:
             self._load()
@@ -165,20 +172,22 @@ class NonceCache:
             items = data["nonces"].items()
             self._seen = {n: int(e) for n, e in items
                           if type(n) is str and _NONCE_RE.fullmatch(n) and type(e) is int}
+            self.tracker.restore(data.get("senders"))
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("nonce file %s unreadable; starting empty (expiry still bounds "
                         "replays)", self.path)
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, json.dumps({"nonces": self._seen}, sort_keys=True).encode())
+            os.write(fd, json.dumps({"nonces": self._seen, "senders": self.tracker.export()},
+                                    sort_keys=True).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -198,7 +207,7 @@ class NonceCache:
 
     def add(self, nonce: str, expires_at_ms: int) -> None:
         self._seen[nonce] = expires_at_ms
-        self._save()
+        self.save()
 
 
 class CommandGate:
@@ -237,9 +246,9 @@ class CommandGate:
     def _check(self, payload: bytes, topic: str) -> Command | Refusal:
         peek = _peek(payload)
 
-        def refuse(code: str, detail: str | None = None) -> Refusal:
+        def refuse(code: str, detail: str | None = None, *, authentic: bool = False) -> Refusal:
             return Refusal(code, _text(detail or REFUSALS[code]), peek.nonce, peek.seq,
-                           peek.sender)
+                           peek.sender, authentic)
 
         try:
             parts = parse_topic(topic)
@@ -249,33 +258,38 @@ class CommandGate:
             return refuse("malformed", f"not a cmd topic ({parts.kind})")
         if parts.device != self.device_id or (self.hall is not None and parts.hall != self.hall):
             return refuse("misaddressed", "cmd topic of another device")
-        try:
-            v = verify(payload, topic, self.keyring, expect_type="cmd")
-        except SignatureError as exc:
-            if peek.kid is None or peek.kid not in self.keyring:
-                return refuse("unknown_key")
-            return refuse("bad_signature", str(exc))
-        except ContractError as exc:
-            if peek.complete and isinstance(peek.target, str) and peek.target != self.device_id:
-                return refuse("misaddressed")
-            return refuse("malformed", str(exc))
-        entry = self.keyring.find(v.kid)
-        if entry is None or self.role not in entry.roles:
-            return refuse("not_authorised")
-        body = v.body
-        now_ms = int(self.clock.wall() * 1000)
-        expires = body["expires_at_ms"]
-        if expires <= now_ms:
-            return refuse("expired", f"expired {now_ms - expires} ms ago")
-        if expires > now_ms + self.window_ms:
-            return refuse("too_far_future", f"expires {expires - now_ms} ms ahead, window is "
-                                            f"{self.window_ms} ms")
         with self._lock:
+            try:
+                v = verify(payload, topic, self.keyring, expect_type="cmd",
+                           require_role=self.role, tracker=self._nonces.tracker)
+            except RoleError:
+                return refuse("not_authorised")
+            except ReplayError as exc:
+                return refuse("replayed", str(exc))
+            except SignatureError as exc:
+                if peek.kid is None or peek.kid not in self.keyring:
+                    return refuse("unknown_key")
+                return refuse("bad_signature", str(exc))
+            except ContractError as exc:
+                if peek.complete and isinstance(peek.target, str) \
+                        and peek.target != self.device_id:
+                    return refuse("misaddressed")
+                return refuse("malformed", str(exc))
+            # Authentic and new by its seq: the tracker moved, and is kept before answering.
+            self._nonces.save()
+            body = v.body
+            now_ms = int(self.clock.wall() * 1000)
+            expires = body["expires_at_ms"]
+            if expires <= now_ms:
+                return refuse("expired", f"expired {now_ms - expires} ms ago", authentic=True)
+            if expires > now_ms + self.window_ms:
+                return refuse("too_far_future", f"expires {expires - now_ms} ms ahead, window "
+                                                f"is {self.window_ms} ms", authentic=True)
             self._nonces.purge(now_ms)
             if body["nonce"] in self._nonces:
-                return refuse("replayed")
+                return refuse("replayed", "nonce already used")
             if self._nonces.full():
-                return refuse("busy")
+                return refuse("busy", authentic=True)
             self._nonces.add(body["nonce"], expires)
         return Command(body["name"], body["nonce"], v.seq, v.sender, v.kid, expires,
                        body["args"])
@@ -284,18 +298,25 @@ class CommandGate:
     @staticmethod
     def result_body(outcome: Command | Refusal, *, status: str | None = None,
                     reason: str | None = None, detail: dict[str, Any] | None = None
-                    ) -> dict[str, Any] | None:
-        """The cmd_result body answering ``outcome``; None for a Refusal that carried no
-        usable nonce/seq (only the command_refused event reports those).
+                    ) -> dict[str, Any]:
+        """The cmd_result body answering ``outcome``: every command gets one.
 
+        A Refusal names its command only when ``authentic`` (module docstring); otherwise
+        ``cmd_seq`` and ``nonce`` are null and what the payload claimed is in ``detail``
+        (``claimed_seq``, ``claimed_nonce``, ``claimed_sender``, where it carried them).
         For a Command, ``status`` defaults to "accepted" (later "done" / "failed").
         """
         if isinstance(outcome, Refusal):
-            if not outcome.answerable:
-                return None
-            return {"cmd_seq": outcome.seq, "nonce": outcome.nonce, "status": "refused",
-                    "reason": _text(f"{outcome.code}: {outcome.detail}"),
-                    "detail": {"code": outcome.code}}
+            named = outcome.authentic and outcome.seq is not None and outcome.nonce is not None
+            detail: dict[str, Any] = {"code": outcome.code}
+            if not named:
+                detail.update((k, v) for k, v in (("claimed_seq", outcome.seq),
+                                                   ("claimed_nonce", outcome.nonce),
+                                                   ("claimed_sender", outcome.sender))
+                              if v is not None)
+            return {"cmd_seq": outcome.seq if named else None,
+                    "nonce": outcome.nonce if named else None, "status": "refused",
+                    "reason": _text(f"{outcome.code}: {outcome.detail}"), "detail": detail}
         status = status or "accepted"
         if status not in ("accepted", "done", "failed"):
             raise ValueError(f"result_body: status {status!r} for an accepted command")

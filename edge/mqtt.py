@@ -19,14 +19,12 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
@@ -98,192 +96,11 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
     return rng.uniform(min_s, max(min_s, ceiling))
 
 
-#: Bytes asked of the socket per read (the kernel hands over what it has; TLS gives one
-#: record, up to 16 KiB, and paho's loop comes straight back for the rest).
-RECV_BYTES = 256 * 1024
 #: The largest packet the link accepts, announced to the broker in CONNECT (MQTT 5
-#: Maximum Packet Size: the broker then never sends a bigger one). Contract payloads are at
-#: most 16 KiB (mqtt_topics.schemas.MAX_PAYLOAD); this leaves room for anything else on a
-#: link while bounding what a cut packet can make the reader hold.
+#: Maximum Packet Size: the broker then never sends a bigger one, and paho closes the link on
+#: one). Contract payloads are at most 16 KiB (mqtt_topics.schemas.MAX_PAYLOAD); this leaves
+#: room for anything else on a link.
 MAX_PACKET_BYTES = 1024 * 1024
-_PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
-_PUBACK_HEADER = bytes([_PUBACK, 2])
-
-
-def _fresh_in_packet() -> dict:
-    """paho's idle reader state (the same dict its connect() and _packet_read() set)."""
-    return {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
-            "remaining_length": 0, "packet": bytearray(), "to_process": 0, "pos": 0}
-
-
-class _Client(paho.Client):
-    """paho's client with a batched reader: one recv() per wake-up, every whole packet in it.
-
-    paho reads a packet with at least three recv() calls (the command byte, each byte of the
-    remaining length, the rest), queues each PUBACK as its own write plus a wake-up byte on
-    its socket pair, and builds an MQTTMessage and a Properties object per PUBLISH; with no
-    QoS message of its own in flight it also reads one packet per select(). On the ops
-    monitor's ingest (py-spy, `make bench`) all that cost about as much as the Ed25519 verify
-    itself. Here ``loop_read`` takes what the socket has (up to RECV_BYTES), and splits it:
-
-    - a QoS 0/1 PUBLISH with a UTF-8 topic and no properties (what Mosquitto forwards from a
-      plain publish) goes straight to ``fast_publish(topic, payload, qos, retain)``; the
-      PUBACKs of one read go out as one write, in the order the PUBLISHes came, and only
-      after ``fast_publish`` returned for them;
-    - every other packet (CONNACK, SUBACK, PUBACK of our own publishes, PINGRESP,
-      DISCONNECT, QoS 2, a PUBLISH with properties or a topic that is not UTF-8) is handed
-      whole to paho's own ``_packet_handle``, after the PUBACKs collected before it;
-    - a packet cut by the end of a read waits, bytes kept, for the next reads (appended:
-      a big packet in 16 KiB TLS records costs linear time, not quadratic);
-    - a remaining length of more than 4 bytes, a packet bigger than MAX_PACKET_BYTES, a
-      PUBLISH shorter than its own header, or a packet paho's handler finds malformed or
-      unknown closes the connection as a protocol error (paho's answer to the first), after
-      writing the PUBACKs of the messages delivered before it: a resumed session would
-      otherwise deliver them again.
-
-    A read's PUBACKs are queued when its last message was handled, so ``disconnect()``
-    (another thread's, as MqttLink.stop() calls it) waits for a read in progress: the
-    DISCONNECT goes out after the PUBACKs, and a resumed session has nothing to redeliver.
-
-    ``fast_publish`` unset (None) keeps paho's reader, one packet per recv() sequence. The
-    private parts of paho used here (``_sock_recv``, ``_packet_handle``, ``_packet_queue``,
-    ``_loop_rc_handle``, ``_in_packet``, ``_msgtime_mutex``, ``_last_bytes_received``,
-    ``_protocol``) are pinned with paho 2.2; tests/test_mqtt_link.py checks they exist.
-    """
-
-    fast_publish: Callable[[str, bytes, int, bool], None] | None = None
-    _rsock: object = None
-    _rbuf: bytes | bytearray = b""      # the start of a cut packet (a bytearray of our own)
-    _rneed = 0                          # its whole size, once its header was read
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # Reentrant: a handler called from _split may itself disconnect (a refused CONNACK).
-        self._reading = threading.RLock()
-
-    def disconnect(self, *args, **kwargs) -> MQTTErrorCode:
-        with self._reading:
-            return super().disconnect(*args, **kwargs)
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        sock = self._sock
-        if self.fast_publish is None or sock is None or self._in_packet["command"]:
-            return super().loop_read(max_packets)
-        if self._rsock is not sock:           # a new connection: nothing carried over
-            self._rsock, self._rbuf, self._rneed = sock, b"", 0
-        try:
-            data = self._sock_recv(RECV_BYTES)
-        except BlockingIOError:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        except OSError as err:                # TimeoutError and ssl errors included
-            log.warning("MQTT read failed: %s", err)
-            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        if not data:
-            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        with self._msgtime_mutex:
-            self._last_bytes_received = paho.time_func()
-        if self._rbuf:
-            self._rbuf += data                   # in place: _split made it a bytearray
-            if len(self._rbuf) < self._rneed:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS     # still cut: nothing to split yet
-            buf: bytes | bytearray = self._rbuf
-            self._rbuf, self._rneed = b"", 0
-        else:
-            buf = data
-        with self._reading:
-            rc = self._split(sock, buf)
-        return self._loop_rc_handle(rc) if rc > 0 else MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _split(self, sock: object, buf: bytes | bytearray) -> MQTTErrorCode:
-        """Handle every whole packet in ``buf``; keep the cut one for the next read."""
-        deliver = self.fast_publish
-        v5 = self._protocol == paho.MQTTv5
-        acks: list[int] = []
-        pos, end_buf = 0, len(buf)
-        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        while pos < end_buf:
-            header = buf[pos]
-            # Remaining length: 1-4 bytes of 7 bits, least significant first (MQTT 5 1.5.5).
-            length, shift, i, cut = 0, 0, pos + 1, False
-            while True:
-                if i >= end_buf:
-                    cut = True
-                    break
-                byte = buf[i]
-                i += 1
-                length |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    break
-                shift += 7
-                if shift == 28:
-                    log.warning("MQTT packet with a remaining length of more than 4 bytes")
-                    rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                    break
-            if cut or rc:
-                break
-            if length > MAX_PACKET_BYTES:
-                log.warning("MQTT packet of %d bytes, more than the %d announced", length,
-                            MAX_PACKET_BYTES)
-                rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                break
-            start, end = i, i + length
-            if end > end_buf:
-                self._rneed = end - pos                    # the body is cut
-                break
-            qos = (header >> 1) & 3
-            if header & 0xF0 == _PUBLISH and qos < 2:
-                tlen = (buf[start] << 8 | buf[start + 1]) if length >= 2 else -1
-                p = start + 2 + tlen + (2 if qos else 0)
-                if tlen < 0 or p + v5 > end:
-                    log.warning("MQTT PUBLISH shorter than its own header (%d bytes)", length)
-                    rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                    break
-                if not v5 or buf[p] == 0:
-                    try:
-                        topic = str(buf[start + 2:start + 2 + tlen], "utf-8")
-                    except UnicodeDecodeError:
-                        topic = ""                         # paho words it (below)
-                    if topic:
-                        deliver(topic, bytes(buf[p + v5:end]), qos, bool(header & 1))
-                        if qos:
-                            acks.append(buf[p - 2] << 8 | buf[p - 1])
-                        pos = end
-                        continue
-            # Anything else: paho's own handler, after the PUBACKs owed so far (in order).
-            if acks:
-                self._queue_pubacks(acks)
-                acks = []
-            self._in_packet = {"command": header, "have_remaining": 1, "remaining_count": [],
-                               "remaining_mult": 1, "remaining_length": length,
-                               "packet": bytearray(buf[start:end]), "to_process": 0, "pos": 0}
-            try:
-                rc = self._packet_handle()
-            except (MalformedPacket, struct.error) as exc:  # paho's decoders raise both
-                log.warning("malformed MQTT packet: %s", exc or "truncated")
-                rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-            finally:
-                self._in_packet = _fresh_in_packet()
-            pos = end
-            if rc > 0 or self._sock is not sock:           # error, or the handler closed it
-                break
-        if self._sock is not sock:
-            return rc
-        if acks:
-            self._queue_pubacks(acks)
-        if rc > 0:
-            # Delivered messages are acknowledged before the connection is dropped for what
-            # came after them (paho's reconnect empties the queue of what was not written).
-            self._packet_write()
-        elif pos < end_buf:
-            self._rbuf = bytearray(buf[pos:])
-        else:
-            self._rneed = 0
-        return rc
-
-    def _queue_pubacks(self, mids: list[int]) -> None:
-        # MQTT 5 3.4.2.1: reason 0x00 without properties may be left out, as paho does.
-        self._packet_queue(_PUBACK, b"".join(_PUBACK_HEADER + mid.to_bytes(2, "big")
-                                             for mid in mids), 0, 0)
 
 
 class MqttLink:
@@ -326,7 +143,8 @@ class MqttLink:
         self._acked_early: set[int] = set()   # PUBACKs that arrived before publish() returned
         self._unacked_cond = threading.Condition()
 
-        c = _Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+        self._down = threading.Event()        # set by on_disconnect: the session ended
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
         c.enable_logger(logging.getLogger("hallkiosk.mqtt.paho"))
         c.max_inflight_messages_set(100)
@@ -338,7 +156,6 @@ class MqttLink:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
-        c.fast_publish = self._on_fast_publish
         self._client = c
 
     # -- lifecycle -------------------------------------------------------------------
@@ -422,25 +239,15 @@ class MqttLink:
                 self._emit(LinkDown(self.last_error))
                 self._wait_backoff()
                 continue
-            try:
-                # paho writes a publish straight to the socket from the caller's thread when
-                # it believes no network thread runs (its _thread is None, as it is when we run
-                # loop_forever ourselves). With TLS that interleaves SSL writes with this
-                # thread's reads and corrupts the stream (bad record MAC). Telling paho this
-                # thread is its network thread makes publish() queue the packet and wake us.
-                # The same two private attributes paho's own loop_start() sets: the wake-up
-                # socket pair (connect() closes it, so it is made anew each time) and the
-                # network thread. Without them a publish waited for the 1 s select timeout
-                # (tests/test_e2e_*.py teardowns took seconds) and TLS links dropped with
-                # "bad record MAC" under load (seen in tests/test_ops_monitor.py).
-                c = self._client
-                if c._sockpairR is None or c._sockpairW is None:
-                    c._sockpairR, c._sockpairW = paho._socketpair_compat()
-                c._thread = threading.current_thread()
-                c.loop_forever(timeout=1.0)
-            except Exception as exc:  # a socket error paho did not turn into a return code
-                self.last_error = f"network loop failed: {exc}"
-                log.warning("%s: %s", self._name, self.last_error)
+            # paho's own network thread runs the session (loop_start: publish() from any
+            # thread queues the packet and wakes it); with reconnect_on_failure off it ends
+            # when the connection does, and this thread, which owns the backoff, connects
+            # again. loop_stop() only joins it, or tells it to end when stop() came first.
+            self._down.clear()
+            self._client.loop_start()
+            while not self._down.wait(1.0) and not self._stop.is_set():
+                pass
+            self._client.loop_stop()
             if self._connected.is_set():
                 self._connected.clear()
                 self._emit(LinkDown(self.last_error or "connection lost"))
@@ -487,6 +294,7 @@ class MqttLink:
             log.exception("%s: on_connect failed", self._name)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._down.set()
         try:
             self.last_error = f"disconnected: {reason_code}"
             was = self._connected.is_set()
@@ -500,16 +308,9 @@ class MqttLink:
             log.exception("%s: on_disconnect failed", self._name)
 
     def _on_message(self, client, userdata, message) -> None:
-        # paho's own reader (a PUBLISH with properties, QoS 2): the same way out as _Client's.
         try:
             topic = message.topic               # raises for a topic that is not UTF-8
-        except Exception:
-            log.exception("%s: on_message failed", self._name)
-            return
-        self._on_fast_publish(topic, bytes(message.payload), message.qos, bool(message.retain))
-
-    def _on_fast_publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        try:
+            payload, qos, retain = bytes(message.payload), message.qos, bool(message.retain)
             if self._on_msg is not None:
                 self._on_msg(topic, payload, qos, retain)
             else:

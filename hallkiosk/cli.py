@@ -2,13 +2,12 @@
 
 Each subcommand imports what it needs only when chosen, so `hallkiosk agent` on a kiosk
 never loads the emulator, Pillow or rich. The agent's own command line, as systemd gives it,
-is read without argparse (see ``agent_args``).
+is parsed by argparse like every other.
 """
 
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from hallkiosk import __version__
@@ -17,8 +16,7 @@ from hallkiosk.errors import HallkioskError
 if TYPE_CHECKING:
     import argparse
 
-#: The agent's defaults and log levels; build_parser() declares the agent's options with these,
-#: and tests/test_lean.py proves agent_args() and argparse agree.
+#: The agent's defaults and log levels.
 AGENT_DEFAULT_CONFIG = "/etc/hallkiosk/agent.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -54,38 +52,6 @@ def _bench(args: argparse.Namespace) -> int:
     from emulator.bench import run_bench
 
     return run_bench(Path(args.out), tickets=args.tickets)
-
-
-def agent_args(argv: list[str]) -> SimpleNamespace | None:
-    """``hallkiosk agent`` with ``--config PATH`` and ``--log-level LEVEL`` (``--opt=value``
-    too), read without argparse; None for anything else (help, an error, an abbreviation),
-    which then goes to the full parser, so what argparse would say is still said.
-
-    Why: argparse, gettext and shutil (which argparse's formatter imports) stay resident in
-    a process that parses its command line once, about 0.3 MB of the agent's 30 MB budget.
-    """
-    if argv[:1] != ["agent"]:
-        return None
-    from pathlib import Path     # not at the top: main() defers what pathlib imports first
-
-    opts = {"config": AGENT_DEFAULT_CONFIG, "log_level": "info"}
-    rest = argv[1:]
-    i = 0
-    while i < len(rest):
-        flag, eq, value = rest[i].partition("=")
-        if flag not in ("--config", "--log-level"):
-            return None
-        if not eq:
-            if i + 1 == len(rest):
-                return None
-            i += 1
-            value = rest[i]
-        if value.startswith("-") or (flag == "--log-level" and value not in LOG_LEVELS):
-            return None
-        opts[flag[2:].replace("-", "_")] = value
-        i += 1
-    return SimpleNamespace(command="agent", config=Path(opts["config"]),
-                           log_level=opts["log_level"], func=_agent)
 
 
 def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
@@ -139,12 +105,7 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     lean = bool(argv) and argv[0] in ("agent", "check-config")
-    if argv[:1] == ["agent"]:
-        from edge.lean import defer_stdlib
-
-        # Before argparse (its help formatter imports shutil, bz2, lzma), paho and gpiozero.
-        defer_stdlib()
-    args = agent_args(argv) or build_parser(tools=not lean).parse_args(argv)
+    args = build_parser(tools=not lean).parse_args(argv)
     try:
         return args.func(args)
     except HallkioskError as exc:

@@ -70,6 +70,10 @@ class SignatureError(ContractError):
     """An envelope whose signature, key or bound topic does not verify."""
 
 
+class RoleError(SignatureError):
+    """An authentic envelope whose key lacks the role its topic's kind requires (step 9)."""
+
+
 class ReplayError(ContractError):
     """An envelope already seen (same device and sequence number, or older)."""
 

@@ -28,10 +28,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from edge.clock import SYSTEM_CLOCK, Clock
-from hallkiosk.errors import ContractError, ReplayError, SignatureError
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .ed25519 import Ed25519PublicKey, InvalidSignature, is_private_key, raw_public
+from edge.clock import SYSTEM_CLOCK, Clock
+from hallkiosk.errors import ContractError, ReplayError, RoleError, SignatureError
+
 from .schemas import (
     FREE_KEY_RE,
     MAX_PAYLOAD,
@@ -40,7 +42,14 @@ from .schemas import (
     TICKET_UID_RE,
     validate_body,
 )
-from .topics import KIOSK_KINDS, MESSAGE_TYPE_FOR_KIND, TopicParts, parse_topic, validate_id
+from .topics import (
+    KIOSK_KINDS,
+    MESSAGE_TYPE_FOR_KIND,
+    ROLE_FOR_KIND,
+    TopicParts,
+    parse_topic,
+    validate_id,
+)
 
 #: Domain separation: these bytes can never be mistaken for another protocol's signed data.
 SIGNING_PREFIX: Final = b"hallkiosk/1\n"
@@ -126,8 +135,23 @@ def canonical_bytes(topic: str, envelope: dict[str, Any]) -> bytes:
 
 
 # -- keys -----------------------------------------------------------------------------
+def raw_public(key: Any) -> bytes:
+    """The 32 raw bytes of an Ed25519 public key given as raw bytes, a ``cryptography``
+    Ed25519PublicKey, or the private key whose public half it is (ValueError otherwise)."""
+    if isinstance(key, (bytes, bytearray)):
+        if len(key) != 32:
+            raise ValueError("an Ed25519 public key is 32 raw bytes")
+        return bytes(key)
+    if isinstance(key, Ed25519PrivateKey):
+        key = key.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"expected an Ed25519 key or its 32 raw bytes, found "
+                         f"{type(key).__name__}")
+    return key.public_bytes_raw()
+
+
 def _raw_public(public_key: Any) -> bytes:
-    if is_private_key(public_key):
+    if isinstance(public_key, Ed25519PrivateKey):
         raise ContractError("public key: expected an Ed25519PublicKey or its 32 raw bytes")
     try:
         return raw_public(public_key)
@@ -143,14 +167,14 @@ def key_id(public_key: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeyEntry:
-    """A public key the hall trusts, who owns it (a device or service id) and its roles.
-
-    ``public_key`` is a mqtt_topics.ed25519 key (libcrypto through ctypes, see there)."""
+    """A public key the hall trusts, who owns it (a device or service id), its roles, and
+    the hall it belongs to (its certificate's O; None: the receiver's own hall only)."""
 
     kid: str
     owner: str
     roles: frozenset[str]
     public_key: Ed25519PublicKey = field(repr=False, compare=False)
+    hall: str | None = None
 
 
 class Keyring:
@@ -160,22 +184,30 @@ class Keyring:
         self._write_lock = threading.Lock()
         self._entries: dict[str, KeyEntry] = {}
 
-    def add(self, public_key: Any, *, owner: str,
-            roles: Iterable[str]) -> KeyEntry:
+    def add(self, public_key: Any, *, owner: str, roles: Iterable[str],
+            hall: str | None = None) -> KeyEntry:
         """Trust ``public_key`` for ``owner`` with ``roles``; re-adding replaces the roles.
 
-        The same key for a different owner is refused (ContractError): a kid names one owner.
+        ``hall``: the one hall whose topics this key may sign (section 6 of the contract);
+        a keyring that serves several halls (the city's ops) must give it for every key.
+        The same key for a different owner or hall is refused (ContractError): a kid names
+        one owner in one hall.
         """
         raw = _raw_public(public_key)
         validate_id("key owner", owner)
+        if hall is not None:
+            validate_id("hall", hall)
         if isinstance(roles, str):
             raise ContractError("roles: expected an iterable of role names, not one string")
         role_set = frozenset(validate_id("role", r) for r in roles)
-        entry = KeyEntry(key_id(raw), owner, role_set, Ed25519PublicKey.from_public_bytes(raw))
+        entry = KeyEntry(key_id(raw), owner, role_set, Ed25519PublicKey.from_public_bytes(raw),
+                         hall)
         with self._write_lock:
             old = self._entries.get(entry.kid)
             if old is not None and old.owner != owner:
                 raise ContractError(f"key {entry.kid} already belongs to {old.owner!r}")
+            if old is not None and old.hall != hall:
+                raise ContractError(f"key {entry.kid} already belongs to hall {old.hall!r}")
             entries = dict(self._entries)
             entries[entry.kid] = entry
             self._entries = entries
@@ -214,7 +246,7 @@ def _b64url(data: bytes) -> str:
 
 
 #: The characters whose 6 bits end in 4 zero bits: the 86th character of 64 bytes in
-#: base64url carries 2 data bits and 4 spare ones.
+#: base64url carries 2 data bits and 4 unused ones, which must be zero.
 _LAST_SIG_CHARS: Final = frozenset("AQgw")
 
 
@@ -222,12 +254,9 @@ _URLSAFE_TO_STD: Final = bytes.maketrans(b"-_", b"+/")
 
 
 def _decode_sig(sig: str) -> bytes:
-    # Step 4 checked the alphabet (_SIG_RE): base64url's two letters, then binascii.
-    raw = binascii.a2b_base64(sig.encode("ascii").translate(_URLSAFE_TO_STD) + b"==")
-    # Refuse the non-canonical spellings (spare bits set): one signature, one string.
-    if len(raw) != 64 or len(sig) != 86 or sig[-1] not in _LAST_SIG_CHARS:
-        raise ContractError("envelope.sig: not canonical base64url of 64 bytes")
-    return raw
+    """The 64 signature bytes of a ``sig`` that step 4 accepted (alphabet, length, last
+    character): every spelling that passes decodes, and to one value only."""
+    return binascii.a2b_base64(sig.encode("ascii").translate(_URLSAFE_TO_STD) + b"==")
 
 
 # -- checks shared by sealing and verifying ------------------------------------------
@@ -242,13 +271,36 @@ def _check_body_against_topic(msg_type: str, body: dict[str, Any], parts: TopicP
     """Relations between a valid body and its topic (the sender already owns kiosk kinds)."""
     if msg_type == "cmd" and body["target"] != parts.device:
         raise ContractError("cmd.body.target: differs from the device of the topic")
-    if msg_type == "alert" and body["device"] != parts.device:
-        raise ContractError("alert.body.device: differs from the device of the topic")
+    if msg_type == "alert":
+        if body["device"] != parts.device:
+            raise ContractError("alert.body.device: differs from the device of the topic")
+        _check_alert_id(body, parts)
     if msg_type in ("ticket", "ticket_ack"):
         match = TICKET_UID_RE.fullmatch(body["ticket_uid"])
         owner = match.group(1) if match else None
         if owner != parts.device:
             raise ContractError(f"{msg_type}.body.ticket_uid: not a ticket of the topic's device")
+
+
+#: ``{rule}:{hall}:{device}:{unix second}`` (contract section 9, alert): three ids, which
+#: cannot hold ``:``, and the second the episode began in decimal without leading zeros.
+_ALERT_ID_RE: Final = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_-]{0,31}):([A-Za-z0-9_][A-Za-z0-9_-]"
+                                 r"{0,31}):([A-Za-z0-9_][A-Za-z0-9_-]{0,31}):(0|[1-9][0-9]{0,15})")
+
+
+def _check_alert_id(body: dict[str, Any], parts: TopicParts) -> None:
+    """The alert_id names the body's rule, the topic's hall and device, and since_ms's second:
+    monitors that see one episode derive the same id, and receivers dedupe on it."""
+    match = _ALERT_ID_RE.fullmatch(body["alert_id"])
+    if match is None:
+        raise ContractError("alert.body.alert_id: expected {rule}:{hall}:{device}:{unix s}")
+    rule, hall, device, second = match.groups()
+    if rule != body["rule"]:
+        raise ContractError("alert.body.alert_id: its rule differs from body.rule")
+    if hall != parts.hall or device != parts.device:
+        raise ContractError("alert.body.alert_id: names another hall or device than the topic")
+    if int(second) != body["since_ms"] // 1000:
+        raise ContractError("alert.body.alert_id: its second differs from body.since_ms")
 
 
 # -- signing --------------------------------------------------------------------------
@@ -266,8 +318,7 @@ class Signer:
 
     def __init__(self, private_key: Any, *, sender: str, boot_id: str,
                  next_seq: Callable[[], int], clock: Clock = SYSTEM_CLOCK) -> None:
-        # A mqtt_topics.ed25519 key or a cryptography one (provisioning and tests make those).
-        if not is_private_key(private_key):
+        if not isinstance(private_key, Ed25519PrivateKey):
             raise ContractError("Signer: expected an Ed25519PrivateKey")
         if not isinstance(boot_id, str) or not _BOOT_RE.fullmatch(boot_id):
             raise ContractError("Signer: boot_id must be 32 lowercase hex chars")
@@ -380,6 +431,30 @@ class SequenceTracker:
             track.seen |= 1 << offset
             return "late", 0
 
+    def export(self) -> dict[str, list[Any]]:
+        """sender -> [boot, highest, bitmap]: plain JSON for a receiver that must remember
+        its senders across restarts (a kiosk's command gate)."""
+        with self._lock:
+            return {s: [t.boot, t.highest, t.seen] for s, t in self._tracks.items()}
+
+    def restore(self, state: Any) -> int:
+        """Take back what ``export`` gave (a file read at start); entries that are not of
+        that shape are skipped. Returns how many senders were restored."""
+        if type(state) is not dict:
+            return 0
+        restored = 0
+        with self._lock:
+            for sender, item in state.items():
+                if (type(sender) is str and type(item) is list and len(item) == 3
+                        and type(item[0]) is str and _BOOT_RE.fullmatch(item[0])
+                        and type(item[1]) is int and 1 <= item[1] <= MAX_SAFE_INT
+                        and type(item[2]) is int and item[2] >= 0):
+                    track = _Track(item[0], item[1])
+                    track.seen = (item[2] | 1) & self._mask
+                    self._tracks[sender] = track
+                    restored += 1
+        return restored
+
     def forget(self, sender: str) -> None:
         """Drop what is known of ``sender`` (e.g. when its key is removed)."""
         with self._lock:
@@ -411,6 +486,7 @@ class Verified:
     missing: int
     hall: str = ""
     device: str = ""
+    role_checked: bool = True
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -544,114 +620,56 @@ def _check_fields(obj: Any) -> None:
         _GOOD_HEADERS.add(header)
     if type(obj["body"]) is not dict:
         raise ContractError("envelope.body: expected an object")
-    if type(obj["sig"]) is not str or not _SIG_RE.fullmatch(obj["sig"]):
+    sig = obj["sig"]
+    if type(sig) is not str or not _SIG_RE.fullmatch(sig):
         raise ContractError("envelope.sig: expected 86 chars of base64url without padding")
-
-
-def _without_sig(raw: bytes, sig: str) -> bytes | None:
-    """The payload with its ``,"sig":"..."`` member cut out, if that text occurs once.
-
-    Senders emit canonical payloads (section 5 step 6 of docs/mqtt-contract.md), and
-    then this IS the canonical JSON of the envelope without ``sig``: no re-serializing.
-    Why that is sound: when a signature verifies over these bytes, the key's owner signed
-    exactly them, and owners sign only canonical JSON of an envelope without ``sig``. The
-    payload is those bytes with ``,"sig":"..."`` put back in one place, and inserting that
-    text into JSON keeps it JSON only right after the value of an object member (inside a
-    string, a number, an array or before a value it is a syntax error), where it adds one
-    member to that object. The payload passed step 3 with a top-level ``sig``, which the
-    signed text lacks, so that object is the envelope itself: the envelope parsed from the
-    payload is the signed one plus ``sig``. If the cut text was not the top-level member
-    (a nested copy of it), the top-level one is still in the cut bytes, nobody signed
-    those, and verify falls back to re-serializing, as it does for every other payload
-    (re-formatted by a relay, members reordered). The difference to re-serializing: a
-    payload whose owner signed non-canonical bytes (a foreign signer's bug) is accepted
-    here as those bytes mean, where re-serializing refuses it.
-    """
-    member = b',"sig":"' + sig.encode("ascii") + b'"'
-    at = raw.find(member)
-    end = at + len(member)
-    if at < 0 or raw.find(member, end) >= 0:
-        return None
-    return raw[:at] + raw[end:]
-
-
-def _signature_ok(entry: KeyEntry, sig: bytes, signed: bytes) -> bool:
-    try:
-        entry.public_key.verify(sig, signed)
-    except InvalidSignature:
-        return False
-    return True
-
-
-#: The fast path's decoder: no hooks (duplicate keys: the last wins; floats allowed).
-_PLAIN_DECODER: Final = json.JSONDecoder()
+    if sig[-1] not in _LAST_SIG_CHARS:
+        raise ContractError("envelope.sig: not canonical base64url (the last character's 4 "
+                            "unused bits are not zero)")
 
 
 def _authenticate(raw: bytes, topic: str, keyring: Keyring,
                   parts: TopicParts) -> tuple[dict[str, Any], KeyEntry]:
     """Steps 3-6 of the contract: the parsed envelope and its key entry, or raise.
 
-    First the fast path, for what senders emit (a canonical payload from a known key): a
-    plain parse, the signed bytes taken as sent (_without_sig), the signature. When the
-    signature verifies over those bytes, the key's owner signed exactly them, and owners
-    sign only canonical JSON: no duplicate keys, floats, big integers, lone surrogates or
-    deep nesting to look for, so step 3's own checks would find nothing (a foreign
-    signer's bug aside, see _without_sig; the schema of step 11 still refuses floats and
-    out-of-range integers anywhere in a body). Anything else, a failed signature included,
-    takes the reference path from the start: every check in the contract's order, with
-    its words. No signature is checked twice over the same bytes: a canonical payload,
-    forged or not, costs one Ed25519 verify; one that is not canonical (a relay re-wrote
-    it, or a forger did) costs two, the bytes as sent and the re-serialized ones. That is
-    the price of not re-serializing the payloads every sender emits; a forger who wants
-    the second verify must still be let onto a kiosk topic by the broker's ACL.
+    One way only: the signed bytes are rebuilt from the parsed envelope (canonical JSON
+    without ``sig``), never taken from the payload text, so every conforming verifier
+    accepts exactly the same payloads (docs/mqtt-contract.md section 5 step 6).
     """
-    head = SIGNING_PREFIX + topic.encode("utf-8") + b"\n"
-    tried: set[bytes] = set()
-
-    def signed_by(entry: KeyEntry, sig: bytes, signed: bytes) -> bool:
-        if signed in tried:
-            return False
-        tried.add(signed)
-        return _signature_ok(entry, sig, signed)
-
-    try:
-        obj = _PLAIN_DECODER.decode(raw.decode("utf-8"))
-    except (ValueError, RecursionError):       # UnicodeDecodeError is a ValueError
-        obj = None
-    if type(obj) is dict and obj.keys() == _FIELD_SET:
-        sig_text, kid = obj["sig"], obj["kid"]
-        entry = keyring.find(kid) if type(kid) is str else None
-        if entry is not None and type(sig_text) is str and _SIG_RE.fullmatch(sig_text) \
-                and sig_text[-1] in _LAST_SIG_CHARS:
-            as_sent = _without_sig(raw, sig_text)
-            if as_sent is not None and signed_by(entry, _decode_sig(sig_text), head + as_sent):
-                _check_fields(obj)
-                return obj, entry
-
     obj = _parse(raw)
     _check_fields(obj)
     sig = _decode_sig(obj["sig"])
     entry = keyring.get(obj["kid"])
     # The topic passed parse_topic (ids cannot hold a newline) and the payload step 3, so the
     # signed bytes are built without checking either again.
-    as_sent = _without_sig(raw, obj["sig"])
-    if not (as_sent is not None and signed_by(entry, sig, head + as_sent)):
-        rebuilt = _canonical_checked({k: v for k, v in obj.items() if k != "sig"})
-        if not signed_by(entry, sig, head + rebuilt):
-            raise SignatureError(f"bad signature or wrong topic (kid {obj['kid']}, topic "
-                                 f"{parts.kind} of {parts.device})")
+    signed = (SIGNING_PREFIX + topic.encode("utf-8") + b"\n"
+              + _canonical_checked({k: v for k, v in obj.items() if k != "sig"}))
+    try:
+        entry.public_key.verify(sig, signed)
+    except InvalidSignature:
+        raise SignatureError(f"bad signature or wrong topic (kid {obj['kid']}, topic "
+                             f"{parts.kind} of {parts.device})") from None
     return obj, entry
+
+
+#: ``verify(require_role=...)``'s default: the role the contract names for the topic's kind.
+BY_TOPIC: Final = "by-topic"
 
 
 def verify(payload: bytes, topic: str, keyring: Keyring, *,
            tracker: SequenceTracker | None = None, expect_type: str | None = None,
-           require_role: str | None = None) -> Verified:
+           require_role: str | None = BY_TOPIC) -> Verified:
     """Verify a payload received on ``topic``; return what it says or raise.
 
     Raises ContractError (malformed, wrong type or body), SignatureError (key, signature,
-    ownership, role) or ReplayError (tracker), all of the ContractError family; checks run
-    in the order of docs/mqtt-contract.md and the tracker is consulted last, so nothing
+    ownership, hall, role) or ReplayError (tracker), all of the ContractError family; checks
+    run in the order of docs/mqtt-contract.md and the tracker is consulted last, so nothing
     unauthenticated ever changes its state.
+
+    The signer's role (step 9) is checked by default: the role the contract names for the
+    topic's kind (``ROLE_FOR_KIND``), or ``require_role`` if given. ``require_role=None`` is
+    the explicit opt-out for tools that only display messages; the result then says
+    ``role_checked=False`` and must not be shown as "signed ok".
     """
     parts = parse_topic(topic)
     if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -665,8 +683,12 @@ def verify(payload: bytes, topic: str, keyring: Keyring, *,
     if parts.kind in KIOSK_KINDS and parts.device != sender:
         raise SignatureError(f"sender does not own topic: {sender!r} on {parts.device!r}'s "
                              f"{parts.kind} topic")
-    if require_role is not None and require_role not in entry.roles:
-        raise SignatureError(f"key {kid} of {sender!r} lacks role {require_role!r}")
+    if entry.hall is not None and entry.hall != parts.hall:
+        raise SignatureError(f"key {kid} of {sender!r} belongs to hall {entry.hall!r}, not "
+                             f"to {parts.hall!r}")
+    role = ROLE_FOR_KIND[parts.kind] if require_role == BY_TOPIC else require_role
+    if role is not None and role not in entry.roles:
+        raise RoleError(f"key {kid} of {sender!r} lacks role {role!r}")
 
     _check_type_for_topic(msg_type, parts)
     if expect_type is not None and msg_type != expect_type:
@@ -678,7 +700,7 @@ def verify(payload: bytes, topic: str, keyring: Keyring, *,
     if tracker is not None:
         status, missing = tracker.check(sender, obj["boot"], obj["seq"])
     return Verified(msg_type, sender, obj["boot"], obj["seq"], obj["ts_ms"], kid, body, topic,
-                    status, missing, parts.hall, parts.device)
+                    status, missing, parts.hall, parts.device, role is not None)
 
 
 def state_supersedes(current: Verified | None, candidate: Verified) -> bool:

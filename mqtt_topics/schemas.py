@@ -631,6 +631,16 @@ def _ticket_uid_matches_serial(body: dict[str, Any], path: str, problems: Proble
         problems.append(f"{path}.ticket_uid: serial part differs from {path}.serial")
 
 
+def _cmd_result_names_its_command(body: dict[str, Any], path: str, problems: Problems) -> None:
+    # A refusal of what cannot be attributed to a new command (unauthenticated, replayed,
+    # malformed) names none: ops must never read a second answer for a command they sent.
+    unnamed = (body["cmd_seq"] is None, body["nonce"] is None)
+    if unnamed[0] != unnamed[1]:
+        problems.append(f"{path}.cmd_seq, {path}.nonce: both null or neither")
+    elif unnamed[0] and body["status"] != "refused":
+        problems.append(f"{path}.cmd_seq: null only in a refusal")
+
+
 #: What an ops-monitor alert can be about (ops.alerts evaluates them; see docs/mqtt-contract.md).
 ALERT_KINDS: Final = ("offline", "paper", "temperature", "outbox_backlog", "fault",
                       "gaps", "bad_signature", "replay", "malformed")
@@ -689,12 +699,12 @@ SCHEMAS: Final[Mapping[str, Struct]] = {
         Field("expires_at_ms", NON_NEG),
     )),
     "cmd_result": Struct((
-        Field("cmd_seq", POSITIVE),
-        Field("nonce", NONCE),
+        Field("cmd_seq", Nullable(POSITIVE)),
+        Field("nonce", Nullable(NONCE)),
         Field("status", Str(enum=("accepted", "refused", "done", "failed"))),
         Field("reason", Nullable(TEXT)),
         Field("detail", OPEN_OBJECT),
-    )),
+    ), cross=_cmd_result_names_its_command),
     "alert": Struct((
         Field("alert_id", ALERT_ID),
         Field("rule", ID),

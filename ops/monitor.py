@@ -5,13 +5,9 @@ Threads and who owns what:
 - with ``workers=0`` (the default) the MQTT link thread (edge.mqtt.MqttLink) verifies each
   message itself and folds it into the Fleet under ``self.lock``;
 - with ``workers=N`` it only routes each message to one of N verify threads' queues, chosen
-  by the topic's device so one kiosk's messages stay in order. Ed25519 verify releases the
-  GIL (ctypes), and it is about three quarters of a message's cost since the link stopped
-  paying paho's per-packet work, so 2 threads overlap it with the rest of the next message:
-  on the benchmark machine (2 cores, the broker on them too) 0.84-1.08x the raw verify rate
-  against 0.66-0.71x inline (`make bench`, ops part). Inline stays the default: it keeps to
-  one core, and instances in a share group are the tested way to add cores and hosts (two
-  processes 1.7-1.85x one there, the broker taking the rest of the 2 cores);
+  by the topic's device so one kiosk's messages stay in order. Whether threads help depends
+  on how much of a message's cost runs without the GIL (`make bench`, ops part, prints it);
+  instances in a share group are the tested way to add cores and hosts;
 - one tick thread, every ``tick_s``: heartbeats, gaps confirmed lost, alert evaluation;
   alerts are emitted outside the lock. With an ``alert_signer`` (the monitor's own key, role
   ``monitor``) each alert transition is also sealed and published QoS 1 on the kiosk's

@@ -134,8 +134,25 @@ class OpsClient:
                 log.exception("on_result hook failed")
 
     def results(self, nonce: str) -> list[Verified]:
+        """The verified answers naming the command with ``nonce``, in arrival order."""
         with self._cond:
             return list(self._results.get(nonce, ()))
+
+    def unattributed(self) -> list[Verified]:
+        """Refusals that name no command (cmd_seq and nonce null: a replay, a forgery, a
+        malformed command); what the payload claimed is in ``body["detail"]``."""
+        with self._cond:
+            return list(self._results.get(None, ()))
+
+    def wait_unattributed(self, predicate: Callable[[Verified], bool],
+                          timeout_s: float = 10.0) -> Verified | None:
+        """The first unattributed refusal satisfying ``predicate`` (None on timeout)."""
+        def found() -> Verified | None:
+            return next((v for v in self._results.get(None, ()) if predicate(v)), None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: found() is not None, timeout_s)
+            return found()
 
     def wait_result(self, nonce: str, timeout_s: float = 10.0,
                     count: int = 1) -> list[Verified]:

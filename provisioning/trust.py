@@ -208,7 +208,7 @@ def keyring_from_certs(ca_chain: CertSource | TrustAnchors, certs: Iterable[Cert
                 if crl_obj is not None and cert.serial_number in revoked_serials(crl_obj):
                     raise TrustError(f"certificate of {info.owner!r} (serial "
                                      f"{info.serial:x}) is revoked")
-                ring.add(info.public_key, owner=info.owner, roles=(info.role,))
+                ring.add(info.public_key, owner=info.owner, roles=(info.role,), hall=info.hall)
             except (TrustError, ContractError) as exc:
                 on_reject(cert, str(exc))
     return ring

@@ -98,16 +98,62 @@ def refused(out, code):
 def test_replayed_command_refused(env):
     mats, clock, keyring, ops, gate = env
     topic, payload, nonce = cmd(ops, clock)
-    assert isinstance(gate.check(payload, topic), Command)
+    first = gate.check(payload, topic)
+    assert isinstance(first, Command)
     clock.advance(5)
     r = refused(gate.check(payload, topic), "replayed")
     body = gate.result_body(r)
-    assert body["status"] == "refused" and body["nonce"] == nonce
+    # The answer to the replay does not name the command: ops must never read "refused"
+    # after "accepted" for the (cmd_seq, nonce) they sent.
+    assert (body["status"], body["cmd_seq"], body["nonce"]) == ("refused", None, None)
+    assert body["detail"] == {"code": "replayed", "claimed_seq": first.seq,
+                              "claimed_nonce": nonce, "claimed_sender": "ops"}
     assert body["reason"].startswith("replayed")
     validate_body("cmd_result", body)
     # A fresh envelope reusing the nonce (a new seq, re-signed) is a replay too.
     topic, payload2, _ = cmd(ops, clock, nonce=nonce)
-    refused(gate.check(payload2, topic), "replayed")
+    assert gate.result_body(refused(gate.check(payload2, topic), "replayed"))["nonce"] is None
+
+
+def _sealed_with(mats, clock, *, seq: int, boot: str = BOOT, nonce: str):
+    """An ops command with a chosen seq and boot (a Signer whose counter says so)."""
+    ops = Signer(mats["ops"].key, sender="ops", boot_id=boot, next_seq=lambda: seq, clock=clock)
+    return cmd(ops, clock, nonce=nonce)
+
+
+def test_sequence_rules_apply_to_commands(env):
+    """The contract's section 8 for commands, each case the independent verifier found
+    executed before: a fresh nonce with an accepted seq, a seq below the window, and a new
+    boot's low seq after a higher one."""
+    mats, clock, keyring, _, gate = env
+    topic, payload, _ = _sealed_with(mats, clock, seq=2000, nonce="a" * 20)
+    assert isinstance(gate.check(payload, topic), Command)
+    topic, payload, _ = _sealed_with(mats, clock, seq=2000, nonce="b" * 20)
+    assert "already seen" in refused(gate.check(payload, topic), "replayed").detail
+    topic, payload, _ = _sealed_with(mats, clock, seq=2000 - 1024, nonce="c" * 20)
+    assert "older than the window" in refused(gate.check(payload, topic), "replayed").detail
+    topic, payload, _ = _sealed_with(mats, clock, seq=1, boot="1" * 32, nonce="d" * 20)
+    assert "new boot" in refused(gate.check(payload, topic), "replayed").detail
+    # What the rules accept: a late seq inside the window, a gap, a new boot further on.
+    for seq, boot, nonce in ((1990, BOOT, "e"), (2500, BOOT, "f"), (2501, "1" * 32, "g")):
+        topic, payload, _ = _sealed_with(mats, clock, seq=seq, boot=boot, nonce=nonce * 20)
+        assert isinstance(gate.check(payload, topic), Command), seq
+
+
+def test_only_an_authentic_new_command_is_named_in_its_refusal(env):
+    mats, clock, keyring, ops, gate = env
+    topic, payload, nonce = cmd(ops, clock, ttl_s=10)
+    clock.advance(11)
+    r = refused(gate.check(payload, topic), "expired")
+    body = gate.result_body(r)
+    assert (body["cmd_seq"], body["nonce"]) == (r.seq, nonce) and body["detail"] == {
+        "code": "expired"}
+    forged = json.loads(payload)
+    forged["body"]["args"] = {"n": 9}
+    body = gate.result_body(gate.check(json.dumps(forged).encode(), topic))
+    assert (body["cmd_seq"], body["nonce"], body["detail"]["code"]) == (None, None,
+                                                                         "bad_signature")
+    assert body["detail"]["claimed_nonce"] == nonce
 
 
 def test_expired_and_too_far_future_refused(env):
@@ -187,10 +233,16 @@ def test_nonces_survive_a_restart_with_a_nonce_file(env, tmp_path):
     assert path.stat().st_mode & 0o077 == 0
     restarted = CommandGate("k1", keyring, clock, nonce_file=path)
     refused(restarted.check(payload, topic), "replayed")
+    # The ops sender's sequence is remembered too: its seq again with a fresh nonce.
+    seq = json.loads(payload)["seq"]
+    again = Signer(mats["ops"].key, sender="ops", boot_id=BOOT, next_seq=lambda: seq,
+                   clock=clock)
+    topic, payload2, _ = cmd(again, clock, nonce="z" * 20)
+    assert "already seen" in refused(restarted.check(payload2, topic), "replayed").detail
     # Without the file a restart forgets, and only expiry bounds the replay.
     assert isinstance(CommandGate("k1", keyring, clock).check(payload, topic), Command)
     clock.advance(61)
-    refused(restarted.check(payload, topic), "expired")
+    refused(CommandGate("k1", keyring, clock).check(payload, topic), "expired")
     path.write_text("{not json")
     assert len(NonceCache(8, path)) == 0
 
@@ -208,11 +260,14 @@ def test_full_nonce_cache_fails_closed_then_frees_on_expiry(env):
     assert isinstance(gate.check(payload, topic), Command)
 
 
-def test_unanswerable_refusal_and_event_detail(env):
+def test_a_malformed_command_is_answered_and_reported(env):
     mats, clock, keyring, ops, gate = env
     topic = KioskTopics(HALL, "k1").cmd
     r = refused(gate.check(b"\xff not json", topic), "malformed")
-    assert gate.result_body(r) is None and not r.answerable
+    body = gate.result_body(r)           # answered all the same, naming no command
+    assert (body["cmd_seq"], body["nonce"], body["detail"]) == (None, None,
+                                                               {"code": "malformed"})
+    validate_body("cmd_result", body)
     ev = gate.refusal_event(r)
     assert ev["code"] == "malformed" and ev["nonce"] is None
     assert set(REFUSALS) >= {"malformed", "misaddressed", "unknown_key", "bad_signature",
@@ -247,9 +302,7 @@ def test_fuzz_gate_random_bytes(env, data):
     mats, clock, keyring, ops, gate = env
     out = gate.check(data, KioskTopics(HALL, "k1").cmd)
     assert isinstance(out, Refusal) and out.code in REFUSALS
-    body = gate.result_body(out)
-    if body is not None:
-        validate_body("cmd_result", body)
+    validate_body("cmd_result", gate.result_body(out))
 
 
 @FUZZ
@@ -264,9 +317,7 @@ def test_fuzz_gate_envelope_shapes(env, envelope, body):
     payload = json.dumps(envelope).encode()
     out = gate.check(payload, KioskTopics(HALL, "k1").cmd)
     assert isinstance(out, Refusal)
-    body_out = gate.result_body(out)
-    if body_out is not None:                 # what the kiosk would publish must be valid
-        validate_body("cmd_result", body_out)
+    validate_body("cmd_result", gate.result_body(out))   # what the kiosk publishes is valid
     with pytest.raises(ContractError):
         verify(payload, KioskTopics(HALL, "k1").cmd, keyring, expect_type="cmd")
 

@@ -126,9 +126,9 @@ def test_backoff_is_jittered_and_bounded():
 
 
 
-def test_a_burst_is_read_in_batches_in_order_once(broker):
-    """The link reads every whole packet a recv() returns (edge.mqtt._Client): every message
-    arrives once, in order, and is acknowledged."""
+def test_a_burst_arrives_in_order_once_and_is_acknowledged(broker):
+    """3,000 QoS 1 messages in one burst: every one arrives once, in order, and is
+    acknowledged (a resumed session has nothing to redeliver)."""
     from emulator.bench_ops import publish_all
 
     got: list[bytes] = []
@@ -136,15 +136,7 @@ def test_a_burst_is_read_in_batches_in_order_once(broker):
     link = _link(broker, "burst", lambda ev: got.append(ev.payload)
                  if isinstance(ev, LinkMessage) else events.put(ev), subscriptions=(("b/#", 1),))
     _next(events, LinkUp)
-    wakeups = 0
-    read = link._client.loop_read
 
-    def counted(*args, **kwargs):
-        nonlocal wakeups
-        wakeups += 1
-        return read(*args, **kwargs)
-
-    link._client.loop_read = counted
     def probe(topic: str, payload: bytes, seen: list[bytes]) -> bool:
         publish_all(broker.port, [(topic, payload)])
         return payload in seen
@@ -152,7 +144,6 @@ def test_a_burst_is_read_in_batches_in_order_once(broker):
     # The SUBACK carries no event of its own here: probe until one comes through.
     wait_for(lambda: probe("b/probe", b"probe", got), 10, "the subscription", interval_s=0.1)
     n = 3000
-    wakeups = 0
 
     def burst() -> list[bytes]:
         return [p for p in got if p != b"probe"]    # a late probe may still come in
@@ -160,7 +151,6 @@ def test_a_burst_is_read_in_batches_in_order_once(broker):
     publish_all(broker.port, [(f"b/{i % 7}", str(i).encode()) for i in range(n)])
     wait_for(lambda: len(burst()) >= n, 30, "the burst")
     assert burst() == [str(i).encode() for i in range(n)]
-    assert wakeups < n / 2, f"{wakeups} wake-ups for {n} messages"
     link.stop()
     # Mosquitto reads one packet per wake-up of a connection: the PUBACKs and the DISCONNECT
     # may still be in its socket after stop() returns, and a new connection with the same
@@ -183,7 +173,7 @@ def test_a_burst_is_read_in_batches_in_order_once(broker):
     link.stop()
 
 
-# -- the batched reader against a hostile broker ---------------------------------------------
+# -- the link against a hostile broker ---------------------------------------------
 # Mosquitto never sends a malformed packet and never cuts one where a test wants it cut, so
 # these tests script the broker's side of a real loopback TCP connection, byte for byte.
 def _varint(n: int) -> bytes:
@@ -308,34 +298,12 @@ def _collect(got: list[LinkMessage]):
     return lambda ev: got.append(ev) if isinstance(ev, LinkMessage) else None
 
 
-def _send_in_reads(conn, link: MqttLink, pieces: list[bytes]) -> None:
-    """Send each piece only once the link has read the one before, so every cut between
-    pieces is a cut the reader sees (it reads whatever the socket holds)."""
-    reads: list[int] = []
-    client = link._client
-    recv = client._sock_recv
-
-    def counted(n: int) -> bytes:
-        data = recv(n)
-        reads.append(len(data))
-        return data
-
-    client._sock_recv = counted
-    for piece in pieces:
-        before = len(reads)
-        conn.sendall(piece)
-        wait_for(lambda: len(reads) > before, what="the client reading a piece")
-
-
-def test_the_reader_keeps_order_and_acks_across_any_cut():
-    """Packets cut at every awkward place (inside the remaining length, the topic, the packet
-    id, the payload), several in one read, a PUBLISH with properties and a QoS 2 one (both
-    paho's own path) between fast ones: each message arrives once, in order, with its topic,
-    QoS and retain flag, and the PUBACKs go out in the order of the PUBLISHes."""
+def test_packets_cut_anywhere_arrive_in_order_and_are_acknowledged():
+    """Packets cut at awkward places (inside the remaining length, the topic, the packet id,
+    the payload), several in one segment, with properties, QoS 0, 1 and 2: each message
+    arrives once, in order, with its topic, QoS and retain flag, and each is acknowledged."""
     from edge import mqtt
 
-    for name in ("_sock_recv", "_packet_handle", "_packet_queue", "_loop_rc_handle"):
-        assert callable(getattr(mqtt.paho.Client, name, None)), name    # what _Client uses
     got: list[LinkMessage] = []
     with _scripted(_collect(got)) as (scripted, link, conn):
         big = bytes(range(256)) * 3                           # remaining length of 2 bytes
@@ -350,7 +318,8 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
         # inside its 2-byte remaining length, between topic length and topic, inside the
         # topic, inside the packet id; and inside the last payload.
         cuts = [1, second + 1, second + 2, second + 5, second + 7, second + 9, len(stream) - 3]
-        _send_in_reads(conn, link, [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])])
+        for a, b in zip([0] + cuts, cuts + [len(stream)]):
+            conn.sendall(stream[a:b])
         wait_for(lambda: scripted.acks(0x50) == [4], what="PUBREC of the QoS 2 message")
         conn.sendall(b"\x62\x02\x00\x04")                     # PUBREL: paho delivers it now
         wait_for(lambda: len(got) == 6, what="six messages")
@@ -362,7 +331,8 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
         assert scripted.acks(0x40) == [1, 2, 3, 5]
         wait_for(lambda: scripted.acks(0x70) == [4], what="PUBCOMP of the QoS 2 message")
         assert link.connected
-        # CONNECT announced the largest packet the reader takes (property 0x27).
+        # CONNECT announced the largest packet the link takes (property 0x27): Mosquitto
+        # then never sends a bigger one (paho itself does not check it on receipt).
         connect = next(body for header, body in scripted.received if header == 0x10)
         assert b"\x27" + mqtt.MAX_PACKET_BYTES.to_bytes(4, "big") in connect
 
@@ -372,13 +342,14 @@ def test_the_reader_keeps_order_and_acks_across_any_cut():
     pytest.param(b"\x32\x05\x00\x09t/", id="topic-longer-than-the-packet"),
     pytest.param(b"\x32\x01\x00", id="publish-without-topic-length"),
     pytest.param(b"\x32\x05\x00\x03t/x", id="qos1-without-packet-id"),
-    pytest.param(b"\x32\x81\x80\x40", id="bigger-than-the-announced-maximum"),
     pytest.param(b"\x00\x00", id="unknown-packet-type"),                  # paho's handler
     pytest.param(b"\x34\x05\x00\x09t/", id="qos2-topic-longer-than-the-packet"),   # paho's
 ])
 def test_a_malformed_packet_drops_the_connection_not_the_link(bad):
-    """What came before the bad packet is delivered and acknowledged; the link reports the
-    protocol error, connects again and carries on."""
+    """What came before the bad packet is delivered; the link reports the protocol error,
+    connects again and carries on. paho drops the PUBACKs it had not yet written with the
+    connection, so the broker may deliver the message before again (MQTT's at least once:
+    receivers dedupe, the ledger on ticket_uid); nothing after the bad packet is taken."""
     events: queue.Queue = queue.Queue()
     with _scripted(events.put) as (scripted, link, conn):
         conn.sendall(_publish5(b"t/ok", b"before", mid=7) + bad + _publish5(b"t/x", b"x", mid=8))
@@ -389,7 +360,8 @@ def test_a_malformed_packet_drops_the_connection_not_the_link(bad):
         conn2.sendall(_publish5(b"t/ok", b"after", mid=9))
         msg = _next(events, LinkMessage)
         assert msg.payload == b"after"                         # the bad one's tail was dropped
-        assert scripted.acks(0x40)[:1] == [7] and 8 not in scripted.acks(0x40)
+        assert msg.topic == "t/ok"
+        assert 8 not in scripted.acks(0x40)
 
 
 def test_a_topic_that_is_not_utf8_is_refused_and_acknowledged():
@@ -402,22 +374,3 @@ def test_a_topic_that_is_not_utf8_is_refused_and_acknowledged():
         assert (msg.topic, msg.payload) == ("t/g", b"good")
         wait_for(lambda: scripted.acks(0x40) == [3, 4], what="both PUBACKs")
         assert link.connected
-
-
-def test_a_big_packet_in_small_reads_is_kept_not_split_again():
-    """A 900 KiB PUBLISH arriving 16 KiB at a time (TLS records): the reader learns its
-    size from the first read, appends the rest in place and splits once more when it is
-    whole (re-splitting or re-copying at every read would cost quadratic time)."""
-    got: list[LinkMessage] = []
-    with _scripted(_collect(got)) as (scripted, link, conn):
-        client = link._client
-        splits: list[int] = []
-        split = client._split
-        client._split = lambda sock, buf: splits.append(len(buf)) or split(sock, buf)
-        payload = bytes(range(256)) * 3600                    # 921,600 bytes
-        packet = _publish5(b"t/big", payload, mid=11) + _publish5(b"t/after", b"x", mid=12)
-        _send_in_reads(conn, link, [packet[i:i + 16384] for i in range(0, len(packet), 16384)])
-        wait_for(lambda: len(got) == 2, what="both messages")
-        assert [(m.topic, m.payload) for m in got] == [("t/big", payload), ("t/after", b"x")]
-        assert len(splits) == 2, splits                       # the first read, the last
-        wait_for(lambda: scripted.acks(0x40) == [11, 12], what="both PUBACKs")

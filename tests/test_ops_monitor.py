@@ -312,14 +312,14 @@ def test_alerts_are_signed_and_published_on_the_kiosks_alert_topic(hall):
         # Broker down: the alert is sealed and kept, then sent once the monitor is back.
         hall.broker.stop()
         wait_for(lambda: not mon.stats_copy()["connected"], what="monitor sees the broker gone")
-        mon.sink.emit(Alert("manual:x:k9:1", "manual", "fault", "warning", "firing",
+        mon.sink.emit(Alert(f"manual:{hall.hall_id}:k9:1", "manual", "fault", "warning", "firing",
                             hall.hall_id, "k9", 1, 1000, "test alert while offline"))
         assert mon.unsent_alerts == 1
         hall.broker.start()
-        wait_for(lambda: [m for m in got if b"manual:x:k9:1" in m.payload], timeout_s=20,
+        wait_for(lambda: [m for m in got if f"manual:{hall.hall_id}:k9:1".encode() in m.payload], timeout_s=20,
                  what="the alert raised while offline")
         assert mon.unsent_alerts == 0
-        late = [m for m in got if b"manual:x:k9:1" in m.payload][0]
+        late = [m for m in got if f"manual:{hall.hall_id}:k9:1".encode() in m.payload][0]
         assert verify(late.payload, late.topic, hall.keyring,
                       require_role="monitor").body["message"] == "test alert while offline"
     finally:
@@ -631,14 +631,14 @@ def test_ops_alerts_prints_verified_transitions_once(hall, tmp_path, caplog):
     feed.start()
     try:
         assert mon.wait_connected(10) and connected.wait(10)
-        firing = Alert("paper_out:x:k11:1", "paper_out", "paper", "critical", "firing",
+        firing = Alert(f"paper_out:{hall.hall_id}:k11:1", "paper_out", "paper", "critical", "firing",
                        hall.hall_id, "k11", None, 1000, "paper out")
         with caplog.at_level(logging.WARNING, logger="hallkiosk.ops"):
             mon.sink.emit(firing)
             topic = firing.topic
             _publish_as(hall, "mon-9", topic,
                         alert_signer(pki["mon-9"].key, "mon-9").seal(topic, "alert", firing.body()))
-            rogue = Alert("hot:x:k11:1", "hot", "temperature", "warning", "firing", hall.hall_id,
+            rogue = Alert(f"hot:{hall.hall_id}:k11:1", "hot", "temperature", "warning", "firing", hall.hall_id,
                           "k11", 90_000, 1000, "fake heat")
             _publish_as(hall, "rogue", topic,
                         alert_signer(pki["rogue"].key, "rogue").seal(topic, "alert", rogue.body()))

@@ -37,9 +37,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from edge.idcard.card import id_number_valid
 from hallkiosk.errors import CardError, HallkioskError
-from mqtt_topics.ed25519 import Ed25519PrivateKey, Ed25519PublicKey, InvalidSignature, raw_public
+from mqtt_topics.envelope import raw_public
 
 #: Upper bound of a whole QR payload, in bytes; the longest valid code is 346.
 MAX_QR_BYTES = 512
@@ -105,10 +108,10 @@ def qr_key_id(public_key: Any) -> bytes:
 
 def trusted_keys(keys: Iterable[Any]) -> dict[bytes, Ed25519PublicKey]:
     """The ``booking_keys`` / ``eid_keys`` mapping for :func:`parse_qr`: key id -> key
-    (public keys of mqtt_topics.ed25519 or cryptography, or their 32 raw bytes)."""
+    (``cryptography`` Ed25519 public keys, or their 32 raw bytes)."""
     out: dict[bytes, Ed25519PublicKey] = {}
     for key in keys:
-        pub = Ed25519PublicKey(raw_public(key))
+        pub = Ed25519PublicKey.from_public_bytes(raw_public(key))
         out[qr_key_id(pub)] = pub
     return out
 
