@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emulator.broker import free_port
+from emulator.broker import end_process, free_port
 from hallkiosk.errors import HallkioskError
 
 
@@ -144,18 +143,10 @@ class NatsNode:
 
     def kill(self) -> None:
         """SIGKILL: a node lost to a power cut."""
-        if self.running:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        end_process(self.proc, crash=True)
 
     def stop(self) -> None:
-        if self.running:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        end_process(self.proc)
 
 
 class NatsCluster:

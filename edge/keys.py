@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -71,7 +72,7 @@ def parse_private_key_pem(pem: bytes) -> Ed25519PrivateKey:
                          "(mode 0600)") from None
     except ValueError as exc:
         raise ValueError(f"not a PEM private key cryptography can read ({exc})") from None
-    except Exception as exc:   # UnsupportedAlgorithm: a key type this build cannot load
+    except UnsupportedAlgorithm as exc:     # a key type this build cannot load
         raise ValueError(f"unsupported key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"expected an Ed25519 key, found {type(key).__name__}")

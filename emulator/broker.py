@@ -34,6 +34,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def end_process(proc: subprocess.Popen | None, *, crash: bool = False) -> None:
+    """End a broker process the test harness started: SIGKILL when ``crash`` (a power cut),
+    else SIGTERM (a clean shutdown: the broker writes its state) with SIGKILL after 10 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    if crash:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 class MosquittoBroker:
     """One mosquitto process. ``kill()`` is SIGKILL (a crash), ``stop()`` a clean shutdown;
     ``start()`` again reuses the same port and data dir, as a restarted hall broker would.
@@ -106,20 +123,12 @@ class MosquittoBroker:
 
     def kill(self) -> None:
         """SIGKILL: what a power cut or an OOM kill does to the hall broker."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        end_process(self.proc, crash=True)
         self._close_pipes()
 
     def stop(self) -> None:
         """Clean shutdown (SIGTERM): mosquitto writes its persistence snapshot."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        end_process(self.proc)
         self._close_pipes()
 
     def log_messages(self) -> list[str]:
