@@ -41,7 +41,15 @@ class _QuietPaho(logging.Filter):
         return not record.getMessage().startswith("Client is not connected")
 
 
-logging.getLogger("hallkiosk.mqtt.paho").addFilter(_QuietPaho())
+def _paho_logger(client_id: str) -> logging.Logger:
+    """paho's log for one link, named after its client id (hallkiosk.mqtt.paho.<id>), so a
+    journal with several links (a hall service, a test) says whose retry failed. Levels set
+    on hallkiosk.mqtt.paho apply to every link; a logger filter does not propagate, so each
+    link's logger gets its own."""
+    log = logging.getLogger(f"hallkiosk.mqtt.paho.{client_id}")
+    if not any(isinstance(f, _QuietPaho) for f in log.filters):
+        log.addFilter(_QuietPaho())
+    return log
 
 
 class NotConnected(HallkioskError, ConnectionError):
@@ -146,7 +154,7 @@ class MqttLink:
         self._down = threading.Event()        # set by on_disconnect: the session ended
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
-        c.enable_logger(logging.getLogger("hallkiosk.mqtt.paho"))
+        c.enable_logger(_paho_logger(client_id))
         c.max_inflight_messages_set(100)
         if tls is not None:
             c.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,

@@ -551,6 +551,8 @@ def _parse(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ContractError("payload: not valid UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise ContractError("payload: starts with a byte order mark (BOM)")
     try:
         try:
             obj = _FAST_DECODER.decode(text)
@@ -680,12 +682,12 @@ def verify(payload: bytes, topic: str, keyring: Keyring, *,
     sender, msg_type, kid = obj["sender"], obj["type"], obj["kid"]
     if entry.owner != sender:
         raise SignatureError(f"key {kid} belongs to {entry.owner!r}, not to sender {sender!r}")
-    if parts.kind in KIOSK_KINDS and parts.device != sender:
-        raise SignatureError(f"sender does not own topic: {sender!r} on {parts.device!r}'s "
-                             f"{parts.kind} topic")
     if entry.hall is not None and entry.hall != parts.hall:
         raise SignatureError(f"key {kid} of {sender!r} belongs to hall {entry.hall!r}, not "
                              f"to {parts.hall!r}")
+    if parts.kind in KIOSK_KINDS and parts.device != sender:
+        raise SignatureError(f"sender does not own topic: {sender!r} on {parts.device!r}'s "
+                             f"{parts.kind} topic")
     role = ROLE_FOR_KIND[parts.kind] if require_role == BY_TOPIC else require_role
     if role is not None and role not in entry.roles:
         raise RoleError(f"key {kid} of {sender!r} lacks role {role!r}")

@@ -283,9 +283,17 @@ def test_revoked_kiosk_refused_at_handshake_and_forced_off(secure, caplog):
     wait_for(lambda: k1.count(LinkDown) >= 1, what="k1's session forced off")
     wait_for(lambda: k2.count(LinkUp) >= 2, timeout_s=15, what="k2 reconnected")
 
-    def refusals() -> int:      # paho logs the TLS alert each time k1's link retries
-        return sum("CERTIFICATE_REVOKED" in r.getMessage() for r in list(caplog.records))
-    wait_for(lambda: refusals() >= 2, timeout_s=45, what="k1 retried and was refused twice")
+    # paho logs each refused retry. Under TLS 1.3 the client finishes its side of the
+    # handshake before the broker checks the certificate, so the broker's alert is read as
+    # "certificate revoked" when it arrives first, and as an EOF when the close wins the race
+    # (both seen on this machine): count every refused retry, and require the alert once.
+    def failures() -> list[str]:
+        return [r.getMessage() for r in list(caplog.records)
+                if r.name == "hallkiosk.mqtt.paho.k1"
+                and "failed to receive on socket" in r.getMessage()]
+    wait_for(lambda: len(failures()) >= 2, timeout_s=45, what="k1 retried and was refused twice")
+    wait_for(lambda: any("CERTIFICATE_REVOKED" in m for m in failures()), timeout_s=45,
+             what="the broker's certificate-revoked alert")
     assert not k1.link.connected and k1.count(LinkUp) == 1
 
 
