@@ -100,3 +100,54 @@ def test_replayed_expired_misaddressed_and_forged_commands_are_refused(hall, ops
 def hall_clock_ms() -> float:
     import time
     return time.time() * 1000
+
+
+def test_commands_that_break_the_sequence_rules_are_refused_across_a_restart(hall, ops):
+    """Issue 16: a fresh nonce with an accepted seq, a seq below the replay window, and a new
+    boot's seq 1 after a higher one are all refused as replayed, answered without naming a
+    command, and the kiosk keeps the ops sender's sequence state over a restart."""
+    from mqtt_topics.envelope import Signer
+    kiosk = hall.add_kiosk("c3", services=(("A", "Citizen card", "A"),))
+    kiosk.start_agent()
+    rec = Recorder(hall, f"hall/{hall.hall_id}/#")
+    wait_for(lambda: _last_state(rec)["status"] == "online", what="online")
+    topic, payload, nonce = ops.send("c3", "diagnostics")
+    assert _statuses(ops.wait_result(nonce, count=2)) == ["accepted", "done"]
+    sent = json.loads(payload)
+
+    def sealed(seq: int, boot: str, nonce: str) -> bytes:
+        signer = Signer(hall.pki["ops"].key, sender="ops", boot_id=boot, next_seq=lambda: seq)
+        return signer.seal(topic, "cmd", {"name": "diagnostics", "args": {}, "target": "c3",
+                                          "nonce": nonce,
+                                          "expires_at_ms": int(hall_clock_ms() + 60_000)})
+
+    def refused(nonce: str) -> dict:
+        got = ops.wait_unattributed(lambda v: v.body["detail"].get("claimed_nonce") == nonce)
+        assert got is not None, f"no answer claiming {nonce}"
+        assert (got.body["cmd_seq"], got.body["nonce"], got.body["status"]) == (
+            None, None, "refused")
+        return got.body
+
+    # 1. the accepted seq with a fresh nonce
+    ops.link.publish(topic, sealed(sent["seq"], sent["boot"], "fresh-nonce-0000001"), qos=1)
+    assert refused("fresh-nonce-0000001")["detail"]["code"] == "replayed"
+    # 2. far ahead (accepted), then below the window of 1024
+    ahead = sent["seq"] + 5000
+    ops.link.publish(topic, sealed(ahead, sent["boot"], "ahead-nonce-0000001"), qos=1)
+    assert _statuses(ops.wait_result("ahead-nonce-0000001", count=2)) == ["accepted", "done"]
+    ops.link.publish(topic, sealed(ahead - 1024, sent["boot"], "below-nonce-0000001"), qos=1)
+    assert refused("below-nonce-0000001")["detail"]["code"] == "replayed"
+    # 3. after a restart of the agent: a new ops boot's seq 1 is still below what it saw
+    kiosk.stop_agent()
+    kiosk.start_agent()
+    wait_for(lambda: sum(1 for m in rec.of_kind("/state")
+                         if json.loads(m.payload)["body"]["status"] == "online") >= 2,
+             timeout_s=20, what="online again after the restart")
+    ops.link.publish(topic, sealed(1, "ab" * 16, "newboot-nonce-00001"), qos=1)
+    assert refused("newboot-nonce-00001")["detail"]["code"] == "replayed"
+    # ... and the same fresh-nonce replay of the accepted seq is still refused
+    ops.link.publish(topic, sealed(sent["seq"], sent["boot"], "fresh-nonce-0000002"), qos=1)
+    assert refused("fresh-nonce-0000002")["detail"]["code"] == "replayed"
+    # A new boot above everything is a legitimate restart of ops: obeyed.
+    ops.link.publish(topic, sealed(ahead + 1, "cd" * 16, "newboot-nonce-00002"), qos=1)
+    assert _statuses(ops.wait_result("newboot-nonce-00002", count=2)) == ["accepted", "done"]
