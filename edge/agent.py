@@ -41,6 +41,7 @@ from edge.store import KioskStore
 from edge.tickets import OutboxSender, TicketDesk
 from edge.telemetry import SystemPaths, TelemetryBuilder, TelemetrySchedule, printer_health, telemetry_key
 from edge.timecheck import clock_trusted
+from edge.update.kiosk import KioskUpdates, KioskView
 from hallkiosk import __version__
 from hallkiosk.errors import ConfigError, StateError
 from mqtt_topics.envelope import Keyring, Signer
@@ -83,6 +84,8 @@ class Agent:
                                 hall=cfg.kiosk.hall,
                                 nonce_file=cfg.kiosk.state_dir / "cmd-nonces.json")
         self.remote = RemoteCommands(self)
+        # None when the kiosk has no update.toml (signed updates not provisioned).
+        self.updates = KioskUpdates.for_agent_config(cfg.source)
 
         b = cfg.broker
         self.link = MqttLink(client_id=b.client_id, host=b.host, port=b.port,
@@ -106,7 +109,7 @@ class Agent:
         self.status = KioskStatus(health=self.health, notifier=self.notifier,
                                   publisher=self.publisher, categories=categories,
                                   direct_to=ua.direct_to, clock=clock, on_mode=self._on_mode,
-                                  extra=self.cell.state_extra if self.cell else dict)
+                                  extra=self._state_extra)
         self.printer = PrinterHandle(cfg.printer.port, timeout_s=cfg.printer.timeout_s,
                                      encoding=cfg.printer.encoding, clock=clock)
         self._trusted = clock_trusted if cfg.clock.trust == "kernel" else (lambda: True)
@@ -271,6 +274,42 @@ class Agent:
                 self.publisher.send(self.topics.telemetry, "telemetry", self.telemetry.build(), qos=0)
             except Exception:  # telemetry must never stop the kiosk
                 log.warning("telemetry not published", exc_info=True)
+        if self.updates is not None:
+            self._update_tick()
+
+    # -- updates (edge.update.kiosk) ------------------------------------------------------------
+    def _state_extra(self) -> dict:
+        extra = self.cell.state_extra() if self.cell else {}
+        if self.updates is not None:
+            extra = {**extra, **self.updates.fields(), "version": __version__}
+        return extra
+
+    def update_view(self) -> KioskView:
+        """What the update gate checks: READY, broker link, reader and printer self-tests
+        (the reader's SAM answered its status query; the printer answered a status poll and
+        is not down), outbox drained, no citizen in session."""
+        printer = self.health.get(PRINTER)
+        reader = self.health.get(READER)
+        return KioskView(
+            ready=self.ready.is_set(), link_up=self.link.connected,
+            reader_ok=bool(self.reader.healthy) and (reader is None or reader.level.value != "down"),
+            printer_ok=self.printer.last_status is not None
+            and (printer is None or printer.level.value != "down"),
+            outbox_depth=self.store.depth(), in_session=self.machine.active)
+
+    def _update_tick(self) -> None:
+        try:
+            t = self.updates.tick(self.update_view())
+        except Exception:  # an update problem must never stop the kiosk serving citizens
+            log.warning("update step failed", exc_info=True)
+            return
+        for name, severity, detail in t.events:
+            self.publisher.event(name, severity, "update", **detail)
+        if t.state_changed:
+            self.status.publish_state()
+        if t.exit_reason is not None:
+            self.citizens.accepting = False
+            self.stop(t.exit_reason)
 
     def _shutdown(self) -> None:
         """SIGTERM: no new citizens, the ticket in progress is already done (the loop is

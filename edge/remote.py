@@ -11,7 +11,10 @@ Every command is answered on ``cmd/result``: ``accepted`` at once, then ``done``
 - ``diagnostics``: write a diagnostics bundle (no personal data) to the state dir and
   answer with its summary;
 - ``restart``: exit cleanly; systemd (Restart=always) starts the agent again;
-- ``staff_call_ack`` [call]: staff are on their way (clears the "call pending" LED).
+- ``staff_call_ack`` [call]: staff are on their way (clears the "call pending" LED);
+- ``update`` [target, version, deadline_s]: install a signed release into the other slot
+  and switch to it when idle (edge.update.kiosk; ``failed`` with ``busy`` while a citizen
+  is in session or a ticket is unacknowledged, or when updates are not provisioned).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ log = logging.getLogger("hallkiosk.remote")
 
 #: Command name -> method name on RemoteCommands.
 COMMANDS = ("out_of_service", "back_in_service", "reprint_last", "reload_config",
-            "diagnostics", "restart", "staff_call_ack")
+            "diagnostics", "restart", "staff_call_ack", "update")
 
 Outcome = tuple[str, str | None, dict[str, Any]]     # status, reason, detail
 
@@ -49,6 +52,8 @@ class RemoteCommands:
             return "failed", f"unknown command {cmd.name!r}", {"known": ",".join(COMMANDS)}
         if cmd.name == "staff_call_ack":
             return self._staff_call_ack(args, cmd.sender)
+        if cmd.name == "update":
+            return self._update(args, cmd.nonce)
         handler: Callable[[dict[str, Any]], Outcome] = getattr(self, f"_{cmd.name}")
         try:
             return handler(args)
@@ -105,6 +110,12 @@ class RemoteCommands:
     def _restart(self, args: dict[str, Any]) -> Outcome:
         self.agent.stop("restart requested by ops")
         return "done", None, {"note": "exiting; systemd restarts the agent"}
+
+    def _update(self, args: dict[str, Any], nonce: str) -> Outcome:
+        updates = self.agent.updates
+        if updates is None:
+            return "failed", "updates are not provisioned on this kiosk (no update.toml)", {}
+        return updates.request(args, self.agent.update_view(), nonce)
 
     def _staff_call_ack(self, args: dict[str, Any], sender: str) -> Outcome:
         staff = getattr(self.agent, "staff_call", None)
