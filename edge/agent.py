@@ -281,7 +281,7 @@ class Agent:
     def _state_extra(self) -> dict:
         extra = self.cell.state_extra() if self.cell else {}
         if self.updates is not None:
-            extra = {**extra, **self.updates.fields(), "version": __version__}
+            extra = {**extra, **self.updates.fields()}
         return extra
 
     def update_view(self) -> KioskView:

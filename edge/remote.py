@@ -115,7 +115,12 @@ class RemoteCommands:
         updates = self.agent.updates
         if updates is None:
             return "failed", "updates are not provisioned on this kiosk (no update.toml)", {}
-        return updates.request(args, self.agent.update_view(), nonce)
+        outcome = updates.request(args, self.agent.update_view(), nonce)
+        if outcome[0] == "done":
+            # The retained state says "preparing" before the answer goes out, so a rollout
+            # that reads the answer never judges the kiosk by its previous update's state.
+            self.agent.status.publish_state()
+        return outcome
 
     def _staff_call_ack(self, args: dict[str, Any], sender: str) -> Outcome:
         staff = getattr(self.agent, "staff_call", None)

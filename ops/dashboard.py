@@ -72,6 +72,14 @@ def _issues(k: KioskSnapshot) -> Text:
         parts.append((f"lost {k.lost}", "yellow"))
     if k.status in ("offline", "degraded", "out_of_service") and k.status_reason:
         parts.append((k.status_reason, "dim"))
+    if k.slot is not None:
+        # Slot, version and update state (edge/update), e.g. "b:0.2.0 trial".
+        update = k.update_state or "idle"
+        style = {"rolled_back": "bold red", "failed": "red", "trial": "yellow"}.get(update, "dim")
+        words = f"{k.slot}:{k.agent_version or '?'} {update}"
+        if k.update_code:
+            words += f"({k.update_code})"
+        parts.append((words, style))
     text = Text()
     for i, (words, style) in enumerate(parts):
         if i:

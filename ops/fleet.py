@@ -146,6 +146,14 @@ class KioskSnapshot:
     last_event: str | None
     last_cmd_result: Mapping[str, Any] | None
     peripherals: Mapping[str, Mapping[str, Any]]
+    # Updates (edge/update; the retained state's extra): which slot runs, the update's
+    # state and target, its refusal code; tickets that failed (print_failed, ticket_refused)
+    # for a rollout's success rate.
+    slot: str | None = None
+    update_state: str | None = None
+    update_target: str | None = None
+    update_code: str | None = None
+    ticket_failures: int = 0
 
     @property
     def online(self) -> bool:
@@ -213,6 +221,7 @@ class _Kiosk:
     malformed: int = 0
     last_event: str | None = None
     last_cmd_result: dict[str, Any] | None = None
+    ticket_failures: int = 0
     highest: dict[str, int] = field(default_factory=dict)       # boot -> highest seq seen
     missing: dict[tuple[str, int], float] = field(default_factory=dict)
     excused: dict[tuple[str, int], None] = field(default_factory=dict)
@@ -360,6 +369,8 @@ class Fleet:
         body = v.body
         name, subject, detail = body["name"], subject_key(body["subject"]), body["detail"]
         k.last_event = f"{name} ({body['severity']})"
+        if name in TICKET_FAILURES:
+            k.ticket_failures += 1
         if name == "device_fault":
             self._raise(k, k.faults, subject, detail.get("fault") or name, "fault", now, changes)
         elif name == "device_recovered":
@@ -525,6 +536,7 @@ class Fleet:
         faults = tuple(sorted((s, w) for s, ws in k.faults.items() for w in ws))
         warnings = tuple(sorted((s, w) for s, ws in k.warnings.items() for w in ws))
         state = k.state.body if k.state is not None else {}
+        extra = state.get("extra") or {}
         return KioskSnapshot(
             hall=k.hall, device=k.device, status=k.status, status_reason=k.status_reason,
             status_age_s=None if k.status_mono is None else now - k.status_mono,
@@ -542,7 +554,14 @@ class Fleet:
             replays=k.replays, bad_signatures=k.bad_signatures, malformed=k.malformed,
             last_event=k.last_event,
             last_cmd_result=None if k.last_cmd_result is None else dict(k.last_cmd_result),
-            peripherals=peripherals)
+            peripherals=peripherals, slot=_text(extra.get("slot")),
+            update_state=_text(extra.get("update_state")),
+            update_target=_text(extra.get("update_target")),
+            update_code=_text(extra.get("update_code")), ticket_failures=k.ticket_failures)
+
+
+#: Events that mean a citizen did not get a ticket (edge.citizens).
+TICKET_FAILURES = frozenset({"print_failed", "ticket_refused"})
 
 
 def _int(value: Any) -> int | None:
