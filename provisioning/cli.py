@@ -444,6 +444,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    default=Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state"))
                    / "hallkiosk-ops")
     q.set_defaults(func=cmd_command)
+
+    from .release_cli import add_release_parser   # signed updates (docs/updates.md)
+    add_release_parser(ps)
     return p
 
 
