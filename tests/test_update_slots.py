@@ -341,3 +341,16 @@ def test_power_cut_during_rollback_still_ends_in_the_old_slot(kiosk):
     assert kiosk.boot() == "0.1.0"
     assert kiosk.state()["state"] == "rolled_back"
     assert json.loads((kiosk.root / "update.json").read_text())["from_slot"] == "a"
+
+
+def test_the_ab_drop_in_runs_the_guard_before_the_agent_from_current():
+    from tests.test_deploy import one, parse_unit
+
+    unit = parse_unit((REPO / "deploy" / "systemd" / "hallkiosk-ab-slots.conf").read_text())
+    svc = unit["Service"]
+    assert svc["ExecStart"][0] == ""                   # resets the base unit's ExecStart
+    assert svc["ExecStart"][1].startswith("/opt/hallkiosk/current/bin/hallkiosk agent ")
+    pre = one(svc, "ExecStartPre").split()
+    assert pre[:3] == ["/usr/bin/python3", "-I", "/opt/hallkiosk/lib/hallkiosk_slots.py"]
+    assert pre[3:] == ["guard", "--root", "/opt/hallkiosk"]
+    assert one(svc, "ReadWritePaths") == "/opt/hallkiosk"
