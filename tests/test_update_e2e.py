@@ -156,3 +156,28 @@ def test_tampered_release_is_refused_with_an_event_and_the_kiosk_keeps_its_slot(
     wait_for(lambda: _state(rec).get("extra", {}).get("update_code") == "tampered",
              timeout_s=15, what="state shows the refusal")
     assert slots.active() == "a" and sup.starts == ["slots/a"]
+
+
+def test_a_release_that_fails_its_health_check_rolls_back_by_itself(hall, rig):
+    kiosk, _repo, ops, sup, slots = rig
+    rec = Recorder(hall, f"hall/{hall.hall_id}/kiosk/u1/#")
+    sup.start()
+    wait_for(lambda: _state(rec).get("status") == "online", timeout_s=30, what="online")
+    # The printer stops answering: no slot can pass the printer self-test. The running slot
+    # keeps its job (degraded); the new one must not be committed.
+    kiosk.printer.set_silent(True)
+    _, _, nonce = ops.send("u1", "update", {"target": TARGET, "deadline_s": 30}, ttl_s=120)
+    assert [a.body["status"] for a in ops.wait_result(nonce, count=2, timeout_s=15)] == \
+        ["accepted", "done"]
+    wait_for(lambda: "update_rolled_back" in _event_names(rec), timeout_s=120,
+             what="rolled back")
+    (ev,) = [json.loads(m.payload)["body"] for m in rec.of_kind("/event")
+             if json.loads(m.payload)["body"]["name"] == "update_rolled_back"]
+    assert ev["severity"] == "fault" and "printer" in ev["detail"]["reason"]
+    assert "update_committed" not in _event_names(rec)
+    wait_for(lambda: _state(rec).get("agent_version") == "0.1.0"
+             and _state(rec).get("extra", {}).get("update_state") == "rolled_back"
+             and len(sup.starts) >= 3, timeout_s=60, what="back on slot a")
+    assert sup.starts[:3] == ["slots/a", "slots/b", "slots/a"]
+    assert slots.active() == "a" and _state(rec)["extra"]["slot"] == "a"
+    kiosk.printer.set_silent(False)
