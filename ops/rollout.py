@@ -206,4 +206,34 @@ def drive(rollout: Rollout, *, send: Callable[[str, str, dict[str, Any], str], N
             return d
 
 
-__all__ = ["Decision", "Rollout", "RolloutPlan", "drive", "plan_waves"]
+class ClientResults:
+    """``results`` for ``drive`` from a provisioning.opsclient.OpsClient: each verified
+    answer to one of the rollout's nonces, once."""
+
+    def __init__(self, rollout: Rollout, client: Any) -> None:
+        self.rollout, self.client = rollout, client
+        self._seen: set[tuple[str, str, int]] = set()
+
+    def __call__(self) -> list[tuple[str, Mapping[str, Any]]]:
+        out = []
+        for dev, d in self.rollout.devices.items():
+            if d.nonce is None:
+                continue
+            for v in self.client.results(d.nonce):
+                key = (d.nonce, str(v.body["status"]), v.seq)
+                if key not in self._seen:
+                    self._seen.add(key)
+                    out.append((dev, v.body))
+        return out
+
+
+def client_sender(client: Any, ttl_s: float = 120.0
+                  ) -> Callable[[str, str, dict[str, Any], str], None]:
+    """``send`` for ``drive``: a signed command through an OpsClient."""
+    def send(device: str, name: str, args: dict[str, Any], nonce: str) -> None:
+        client.send(device, name, args, nonce=nonce, ttl_s=ttl_s)
+    return send
+
+
+__all__ = ["ClientResults", "Decision", "Rollout", "RolloutPlan", "client_sender", "drive",
+           "plan_waves"]

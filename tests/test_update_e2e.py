@@ -65,33 +65,49 @@ class Supervisor:
         self._thread.join(20)
 
 
-@pytest.fixture
-def rig(hall, tmp_path, tls, bundles):  # noqa: F811 (fixtures imported above)
+def _repository(tmp_path, tls, bundles):  # noqa: F811
     cert, key, chain = tls
-    kiosk = hall.add_kiosk("u1", services=(("A", "Citizen card", "A"),))
-    root = tmp_path / "opt"
-    slots = Slots(root)
-    b0 = bundles["0.1.0"]
-    site = Path(sysconfig.get_path("purelib"))
-    install(slots, "a", b0, sha256_file(b0), python=BASE_PYTHON, shared_site=site)
-    slots.switch("a")
     repo = ReleaseRepository(tmp_path / "repo", tmp_path / "keys")
     repo.init()
     repo.add_target(bundles["0.2.0"], name=TARGET, custom={"version": "0.2.0"})
     server = RepositoryServer(tmp_path / "repo", cert, key, port=0).start()
     shutil.copy(tmp_path / "repo" / "metadata" / "root.json", tmp_path / "update-root.json")
+    return repo, server
+
+
+def _updatable_kiosk(hall, tmp_path, name, server, chain, bundles):  # noqa: F811
+    """An emulated kiosk whose agent runs from slot a of its own A/B root, with
+    update.toml next to its agent.toml, and its supervisor (not started)."""
+    kiosk = hall.add_kiosk(name, services=(("A", "Citizen card", "A"),))
+    root = tmp_path / f"opt-{name}"
+    slots = Slots(root)
+    b0 = bundles["0.1.0"]
+    site = Path(sysconfig.get_path("purelib"))
+    install(slots, "a", b0, sha256_file(b0), python=BASE_PYTHON, shared_site=site)
+    slots.switch("a")
     (kiosk.config_path.parent / "update.toml").write_text(
         "[update]\n"
         f'root = "{root}"\nrepository = "{server.url}"\nca_file = "{chain}"\n'
         f'trusted_root = "{tmp_path / "update-root.json"}"\npython = "{BASE_PYTHON}"\n'
         f'health_deadline_s = 120\nshared_site = "{site}"\n')
-    ops = OpsClient(ops_id="ops", hall=hall.hall_id, key=hall.pki["ops"].key,
-                    keyring=hall.keyring, tls=hall.tls_for("ops"), host="127.0.0.1",
-                    port=hall.broker.port, state_dir=tmp_path / "ops-state").start()
-    sup = Supervisor(root, kiosk.config_path, tmp_path)
+    return kiosk, slots, Supervisor(root, kiosk.config_path, tmp_path)
+
+
+@pytest.fixture
+def ops(hall, tmp_path):
+    client = OpsClient(ops_id="ops", hall=hall.hall_id, key=hall.pki["ops"].key,
+                       keyring=hall.keyring, tls=hall.tls_for("ops"), host="127.0.0.1",
+                       port=hall.broker.port, state_dir=tmp_path / "ops-state").start()
+    yield client
+    client.stop()
+
+
+@pytest.fixture
+def rig(hall, tmp_path, tls, bundles, ops):  # noqa: F811 (fixtures imported above)
+    repo, server = _repository(tmp_path, tls, bundles)
+    kiosk, slots, sup = _updatable_kiosk(hall, tmp_path, "u1", server, tls[2], bundles)
     yield kiosk, repo, ops, sup, slots
     sup.stop()
-    ops.stop()
     server.stop()
 
 
@@ -181,3 +197,49 @@ def test_a_release_that_fails_its_health_check_rolls_back_by_itself(hall, rig):
     assert sup.starts[:3] == ["slots/a", "slots/b", "slots/a"]
     assert slots.active() == "a" and _state(rec)["extra"]["slot"] == "a"
     kiosk.printer.set_silent(False)
+
+
+def test_a_wave_halts_when_its_canary_fails_and_the_rest_are_never_sent(hall, tmp_path, tls,
+                                                                       bundles, ops):  # noqa: F811
+    from mqtt_topics.envelope import verify
+    from ops.fleet import Fleet
+    from ops.rollout import ClientResults, Rollout, RolloutPlan, client_sender, drive
+
+    repo, server = _repository(tmp_path, tls, bundles)
+    kiosks = {n: _updatable_kiosk(hall, tmp_path, n, server, tls[2], bundles)
+              for n in ("w1", "w2")}
+    try:
+        for _k, _s, sup in kiosks.values():
+            sup.start()
+        rec = Recorder(hall, f"hall/{hall.hall_id}/kiosk/+/state")
+        wait_for(lambda: len({m.topic for m in rec.messages}) == 2, timeout_s=40,
+                 what="both kiosks online")
+        kiosks["w1"][0].printer.set_silent(True)          # the canary cannot pass its gate
+        fleet, fed = Fleet(heartbeat_timeout_s=None), [0]
+
+        def snapshots():
+            msgs = list(hall.auditor.messages)
+            for m in msgs[fed[0]:]:
+                if "/kiosk/w" in m.topic and not m.topic.endswith("/cmd"):
+                    fleet.apply(verify(m.payload, m.topic, hall.keyring, require_role=None))
+            fed[0] = len(msgs)
+            return fleet.snapshot(hall.hall_id)
+
+        plan = RolloutPlan(target=TARGET, version="0.2.0", hall=hall.hall_id,
+                           waves=(("w1",), ("w2",)), wave_deadline_s=150, soak_s=5,
+                           health_deadline_s=30)
+        r = Rollout(plan)
+        d = drive(r, send=client_sender(ops), snapshots=snapshots,
+                  results=ClientResults(r, ops), wait=lambda s: threading.Event().wait(s) or False,
+                  turn_s=1.0)
+        assert d.state == "halted" and d.wave == 0, d
+        assert "w1: update rolled_back" in d.reason
+        assert "w2" not in r.devices                          # never sent a command
+        assert kiosks["w2"][1].read_state()["state"] == "idle"
+        assert kiosks["w1"][1].active() == "a"
+        snap = fleet.kiosk(hall.hall_id, "w1")
+        assert (snap.slot, snap.update_state) == ("a", "rolled_back")
+    finally:
+        for _k, _s, sup in kiosks.values():
+            sup.stop()
+        server.stop()
