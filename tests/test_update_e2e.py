@@ -21,9 +21,9 @@ import pytest
 from edge.update.bundle import install, sha256_file
 from edge.update.slots import Slots
 from emulator.idcard import Card
-from provisioning.opsclient import OpsClient
 from provisioning.release import ReleaseRepository, RepositoryServer
 from tests.conftest import wait_for
+from tests.test_e2e_commands import ops  # noqa: F401 (the signed ops client fixture)
 from tests.test_e2e_ticket import Recorder, _event_names
 from tests.test_update_slots import BASE_PYTHON, SLOTS_PY, TARGET, bundles, tls  # noqa: F401
 
@@ -91,15 +91,6 @@ def _updatable_kiosk(hall, tmp_path, name, server, chain, bundles):  # noqa: F81
         f'trusted_root = "{tmp_path / "update-root.json"}"\npython = "{BASE_PYTHON}"\n'
         f'health_deadline_s = 120\nshared_site = "{site}"\n')
     return kiosk, slots, Supervisor(root, kiosk.config_path, tmp_path)
-
-
-@pytest.fixture
-def ops(hall, tmp_path):
-    client = OpsClient(ops_id="ops", hall=hall.hall_id, key=hall.pki["ops"].key,
-                       keyring=hall.keyring, tls=hall.tls_for("ops"), host="127.0.0.1",
-                       port=hall.broker.port, state_dir=tmp_path / "ops-state").start()
-    yield client
-    client.stop()
 
 
 @pytest.fixture
