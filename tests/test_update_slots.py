@@ -298,6 +298,45 @@ def test_refused_release_is_reported_as_an_event(kiosk):
     assert up.fields()["update_code"] == "expired"
 
 
+def test_a_rollback_by_the_guard_is_reported_once_by_the_next_start(kiosk):
+    kiosk.step("request", "--target", TARGET)
+    kiosk.step("prepare")
+    kiosk.step("switch")
+    guard(kiosk.root, now=kiosk.state()["deadline_ms"] + 1)      # no agent ran to say so
+    first = KioskUpdates(kiosk.cfg(), slot="a").tick(IDLE)
+    assert [e[0] for e in first.events] == ["update_rolled_back"]
+    again = KioskUpdates(kiosk.cfg(), slot="a").tick(IDLE)       # the start after that
+    assert again.events == ()
+
+
+class _Done:
+    """A prepare child that has already exited (the repository was unreachable)."""
+
+    def poll(self) -> int:
+        return 0
+
+
+def test_an_unreachable_repository_is_retried_with_backoff(kiosk):
+    spawned, now = [], [1_000_000]
+    up = KioskUpdates(kiosk.cfg(), slot="a", spawn=lambda argv: spawned.append(argv) or _Done(),
+                      wall_ms=lambda: now[0])
+    assert up.request({"target": TARGET}, IDLE, "n3")[0] == "done"
+    assert len(spawned) == 1
+    up.tick(IDLE)                     # the child ended, still "preparing": wait, do not respawn
+    up.tick(IDLE)
+    assert len(spawned) == 1
+    now[0] += 15_001
+    up.tick(IDLE)
+    assert len(spawned) == 2
+    up.tick(IDLE)                     # ended again: the wait doubles
+    now[0] += 15_001
+    up.tick(IDLE)
+    assert len(spawned) == 2
+    now[0] += 15_000
+    up.tick(IDLE)
+    assert len(spawned) == 3
+
+
 def test_update_args_are_checked():
     assert check_args({"target": TARGET, "version": "0.2.0", "deadline_s": 120}) == \
         (TARGET, "0.2.0", 120)

@@ -42,6 +42,13 @@ TARGET_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 #: Re-read the state file at most this often while a child prepares (ms).
 POLL_MS = 1000
+#: A prepare that ended with the repository unreachable is started again after this, doubling
+#: up to RETRY_MAX_MS (a hall network down must not make every kiosk hammer the repository).
+RETRY_MIN_MS = 15_000
+RETRY_MAX_MS = 600_000
+#: Outcomes whose event must be published once even across restarts (a rollback by the boot
+#: guard has no agent running to report it; the next start does).
+TERMINAL = ("committed", "rolled_back", "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +98,11 @@ class KioskUpdates:
         self._wall_ms = wall_ms
         self._child: Any = None
         self._state = self.machine.state()
-        self._seen = self._state["state"]
+        kind = self._state["state"]
+        self._seen = self._state.get("reported") if kind in TERMINAL else kind
         self._next_poll = 0
+        self._retry_at = 0
+        self._retry_ms = RETRY_MIN_MS
 
     @classmethod
     def for_agent_config(cls, agent_config_path: Path) -> KioskUpdates | None:
@@ -143,6 +153,11 @@ class KioskUpdates:
             self._next_poll = now + POLL_MS
             if child_done:
                 self._child = None
+                if self._state["state"] == "preparing":      # unreachable: retry later
+                    self._retry_at = now + self._retry_ms
+                    self._retry_ms = min(2 * self._retry_ms, RETRY_MAX_MS)
+                else:
+                    self._retry_ms = RETRY_MIN_MS
         st = self._state
         kind = st["state"]
         events: list[tuple[str, str, dict[str, Any]]] = []
@@ -151,8 +166,8 @@ class KioskUpdates:
             events.append(_event_for(st))
             self._seen = kind
         exit_reason = None
-        if kind == "preparing" and self._child is None:
-            self._start_prepare()                      # after a restart: resume
+        if kind == "preparing" and self._child is None and now >= self._retry_at:
+            self._start_prepare()                      # after a restart or a cut: resume
         elif kind == "installed" and not view.in_session and view.outbox_depth == 0:
             self._state = self.machine.switch()
             events.append(("update_switching", "info",
@@ -176,6 +191,10 @@ class KioskUpdates:
                 self._seen = self._state["state"]
                 events.append(_event_for(self._state))
                 exit_reason = "update: rolled back, restarting into the previous slot"
+        st = self._state
+        if st["state"] in TERMINAL and st.get("reported") != st["state"] and self._child is None:
+            # No child writes the file in these states, so this cannot lose its update.
+            self._state = self.machine.slots.write_state({**st, "reported": st["state"]})
         return Tick(tuple(events), exit_reason, changed or exit_reason is not None)
 
     def next_deadline_ms(self) -> int | None:
