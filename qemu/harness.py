@@ -283,11 +283,13 @@ class QemuKiosk:
         return argv
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def boot(self) -> None:
-        """Start QEMU (the broker must be running); returns at once."""
-        self.overlay.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                        str(self.image.rootfs), str(self.overlay)], check=True)
+    def boot(self, *, fresh: bool = True) -> None:
+        """Start QEMU (the broker must be running); returns at once. ``fresh=False`` keeps
+        the overlay of the previous boot: the disk as a power cut left it (qemu.update_campaign)."""
+        if fresh or not self.overlay.exists():
+            self.overlay.unlink(missing_ok=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                            str(self.image.rootfs), str(self.overlay)], check=True)
         self.recorder = Recorder(self.hall, self.device_id)
         argv = self.qemu_argv()
         (self.dir / "qemu.argv").write_text(shlex.join(argv) + "\n")
