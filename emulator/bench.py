@@ -4,7 +4,8 @@
   consumer, over >= 200 tickets, p50/p99 (agent in its own process, single-service kiosk so the
   figure is the machine's latency and not a scripted button delay; a second run with a
   button press measures button -> verified ticket);
-- the idle agent's RSS and CPU (30 s window, from /proc);
+- the idle agent's RSS and CPU (30 s window, from /proc), and beside it, in the same window
+  on the same broker, mqtt-io's with a comparable GPIO and serial config (emulator.bench_mqttio);
 - start to ready (process start -> "ready" log line), median of 5;
 - a QR code appearing at the camera -> verified appointment ticket at the consumer;
 - the QR pipeline against raw pyzbar (emulator.bench_qr) and the ops monitor's verified
@@ -128,17 +129,35 @@ def run_bench(out: Path, tickets: int = 200) -> int:
             "p50": round(_pct(lat, 50), 1), "p99": round(_pct(lat, 99), 1), "max": round(max(lat), 1),
             "target_p99_ms": poll_s * 1000 + 25}
 
-        # -- idle RSS and CPU --------------------------------------------------------------
+        # -- idle RSS and CPU, beside mqtt-io on the same broker ---------------------------
+        from emulator.bench_mqttio import MqttIoUnavailable, memory_kib, start_mqttio
+
+        try:
+            mqttio = start_mqttio(hall, out / "mqtt-io")
+            mqttio_note = None
+        except MqttIoUnavailable as exc:
+            mqttio, mqttio_note = None, f"mqtt-io not measured: {exc}"
+            print(f"bench: {mqttio_note}")
         time.sleep(2)
-        c0, w0 = _cpu_ticks(proc.pid), time.monotonic()
+        pids = [proc.pid] + ([mqttio.proc.pid] if mqttio else [])
+        c0, w0 = [_cpu_ticks(p) for p in pids], time.monotonic()
         time.sleep(30)          # CLK_TCK is 100 Hz: a long window for a 0.1 % resolution
-        c1, w1 = _cpu_ticks(proc.pid), time.monotonic()
-        figures["idle_cpu_percent_of_one_core"] = round(100 * (c1 - c0) / CLK_TCK / (w1 - w0), 2)
+        c1, w1 = [_cpu_ticks(p) for p in pids], time.monotonic()
+        cpu = [round(100 * (b - a) / CLK_TCK / (w1 - w0), 2) for a, b in zip(c0, c1)]
+        figures["idle_cpu_percent_of_one_core"] = cpu[0]
         figures["idle_rss_mib"] = round(_rss_kib(proc.pid) / 1024, 1)
         # Where it goes: heap and other private memory, vs mapped files (libpython, the
         # OpenSSL and cryptography libraries, other extension modules).
         figures["idle_rss_anon_mib"] = round(_status_kib(proc.pid, "RssAnon") / 1024, 1)
         figures["idle_rss_file_mib"] = round(_status_kib(proc.pid, "RssFile") / 1024, 1)
+        agent_mem = memory_kib(proc.pid)
+        other_mem = memory_kib(mqttio.proc.pid) if mqttio else None
+        figures["idle_memory_kib"] = {"hallkiosk_agent": agent_mem, "mqtt_io": other_mem,
+                                      "mqtt_io_cpu_percent_of_one_core":
+                                          cpu[1] if mqttio else None,
+                                      "note": mqttio_note}
+        if mqttio:
+            mqttio.stop()
         proc.terminate()
         proc.wait(10)
 
@@ -170,4 +189,42 @@ def run_bench(out: Path, tickets: int = 200) -> int:
     figures["ops_ingest"] = run_ops_bench(out / "ops")
     print(json.dumps(figures, indent=2))
     (out / "bench.json").write_text(json.dumps(figures, indent=2))
+    print()
+    print(summary(figures))
     return 0
+
+
+#: The city's ops load (issue 17): 5,000 kiosks, about 2,000 verified messages per second.
+CITY_LOAD_PER_S = 2000
+
+
+def summary(figures: dict) -> str:
+    """The headline figures as a few lines of text (after the JSON)."""
+    from emulator.bench_mqttio import side_by_side
+
+    lines = []
+    mem = figures.get("idle_memory_kib") or {}
+    if mem.get("hallkiosk_agent"):
+        lines.append(side_by_side(mem["hallkiosk_agent"], mem.get("mqtt_io"), mem.get("note")))
+        lines.append("")
+    ops = figures.get("ops_ingest") or {}
+    one = (ops.get("one_process") or {}).get("per_s")
+    two = ops.get("two_processes") or {}
+    if one:
+        lines.append(f"ops ingest, verified msg/s: 1 process {one:,}; 2 processes "
+                     f"{two.get('per_s') or 0:,} in all, per process "
+                     f"{[round(n / two['seconds']) for n in two.get('per_process', [])] if two.get('seconds') else '-'}; "
+                     f"scaling 2/1 = {ops.get('two_vs_one_process')} on {ops.get('cpus')} cores "
+                     f"shared with the broker and the load generator")
+        margin = one / CITY_LOAD_PER_S
+        lines.append(f"one process against a city's load ({CITY_LOAD_PER_S:,} msg/s): "
+                     f"{margin:.1f}x ({'clears' if margin >= 2 else 'does NOT clear'} it with "
+                     f"the 2x margin asked)")
+        if (ops.get("cpus") or 0) <= 2:
+            lines.append("note: on 2 cores the publisher and Mosquitto compete with the "
+                         "monitors, so the 2-process figure is bounded by the CPUs, not MQTT")
+    t = figures.get("tap_to_ticket_ms") or {}
+    if t:
+        lines.append(f"tap to ticket: p50 {t['p50']} ms, p99 {t['p99']} ms over {t['n']} "
+                     f"(card poll {t['poll_interval_ms']:.0f} ms)")
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from edge.keys import public_b64, write_private_file
 from provisioning.emulated import provision_emulated_hall
-from emulator.broker import MosquittoBroker
+from emulator.broker import MosquittoBroker, end_process
 from emulator.idcard import Card, EmulatedReader
 from emulator.printer import EmulatedPrinter
 
@@ -210,13 +210,7 @@ trust = "{clock_trust}"
 
     def close(self) -> None:
         self.stop_agent()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
         self.reader.close()
         self.printer.close()
         if self.scanner is not None:
