@@ -72,6 +72,9 @@ class CityLedger:
         c.reconnect_delay_set(0.2, 2)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        # A node that refuses the TCP connection (it is down) reaches on_connect_fail, not
+        # on_disconnect: without this the ledger kept retrying a dead node forever.
+        c.on_connect_fail = lambda client, _u: self._next_node(client)
         c.on_message = lambda _c, _u, m: self._q.put(m)
         self._client = c
         self._next_addr = 0
@@ -95,6 +98,9 @@ class CityLedger:
     def _on_disconnect(self, client, _u, _flags, _reason, _props) -> None:
         """paho reconnects to the address it was given: move to the next cluster node
         first (the session lives in JetStream on every node, so it resumes there)."""
+        self._next_node(client)
+
+    def _next_node(self, client) -> None:
         if self._stopping:
             return
         self._next_addr = (self._next_addr + 1) % len(self.addresses)

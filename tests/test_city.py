@@ -41,6 +41,33 @@ def test_city_faults_lose_no_acknowledged_ticket(tmp_path):
     assert fig["duplicates_removed_city"] >= 6 and fig["duplicates_removed_hall"] >= 6
 
 
+@pytest.mark.e2e
+def test_city_ledger_moves_on_from_a_node_that_refuses_connections(tmp_path):
+    """A dead node refuses TCP: paho reports that to on_connect_fail (not on_disconnect),
+    and the ledger must go on to the next node rather than retry the dead one forever
+    (the cause of a CI failure of the fault test)."""
+    from city.ledger import CityLedger, HallTrust
+    from emulator.broker import MosquittoBroker, free_port
+    from provisioning.emulated import provision_emulated_hall
+    from tests.conftest import wait_for
+
+    mats = provision_emulated_hall(tmp_path / "hall", [], hall="hall1")
+    broker = MosquittoBroker(tmp_path / "broker", conf_text=mats.broker_conf_text).start()
+    try:
+        dead = free_port()
+        led = CityLedger(client_id="ledger", halls=[HallTrust("hall1", mats.keyring(), "ledger",
+                                                              mats["ledger"].key)],
+                         state_dir=tmp_path / "led", addresses=[("127.0.0.1", dead),
+                                                                (broker.host, broker.port)],
+                         tls=mats.tls_for("ledger")).start()
+        try:
+            wait_for(led._client.is_connected, 20, "the ledger connected to the live node")
+        finally:
+            led.stop()
+    finally:
+        broker.stop()
+
+
 def test_provision_bridge_conf_command(tmp_path, capsys):
     from hallkiosk.cli import main
 
