@@ -17,6 +17,9 @@ hold events; edges come from the pin factory's own edge detection.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 from enum import Enum
 from typing import Callable, Mapping
 
@@ -124,7 +127,10 @@ def make_pin_factory(name: str):
         return None  # gpiozero picks (GPIOZERO_PIN_FACTORY or its own probing order)
     if name == "mock":
         from gpiozero.pins.mock import MockFactory
-        return MockFactory()
+        factory = MockFactory()
+        if os.environ.get(MOCK_GPIO_ENV):
+            serve_mock_pins(factory, os.environ[MOCK_GPIO_ENV])
+        return factory
     if name == "lgpio":
         from gpiozero.pins.lgpio import LGPIOFactory
         return LGPIOFactory()
@@ -138,3 +144,52 @@ def make_pin_factory(name: str):
         from gpiozero.pins.native import NativeFactory
         return NativeFactory()
     raise ValueError(f"unknown pin factory {name!r}")
+
+
+#: Emulation only. With the mock pin factory and this variable set to a socket path, the
+#: agent lets the emulator drive its input pins and read its outputs over a unix datagram
+#: socket (emulator.gpio.RemotePins): how the hall run presses the buttons of 50 agent
+#: processes and moves people through their cells. A kiosk runs a hardware pin factory, so
+#: this is never reached on one.
+MOCK_GPIO_ENV = "HALLKIOSK_MOCK_GPIO"
+
+
+def serve_mock_pins(factory, path: str) -> threading.Thread:
+    """Serve ``factory``'s pins at ``path``: ``L <pin>`` drives an input low, ``H <pin>``
+    high, ``? <pin>`` answers ``0``/``1`` (the pin's state) to the sender; a bad request
+    is answered ``E <reason>``. The socket is bound before this returns, so the emulator
+    can press buttons as soon as the agent is ready."""
+    try:
+        os.unlink(path)          # a previous run's socket (the agent was killed)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+
+    def serve() -> None:
+        while True:
+            data, sender = sock.recvfrom(64)
+            try:
+                op, _, num = data.decode("ascii").partition(" ")
+                pin = factory.pin(int(num))
+                if op == "L":
+                    pin.drive_low()
+                    reply = b"ok"
+                elif op == "H":
+                    pin.drive_high()
+                    reply = b"ok"
+                elif op == "?":
+                    reply = b"1" if pin.state else b"0"
+                else:
+                    reply = b"E unknown operation"
+            except Exception as exc:  # a bad request must not stop the server
+                reply = f"E {exc}".encode("utf-8", "replace")[:200]
+            if sender:
+                try:
+                    sock.sendto(reply, sender)
+                except OSError:
+                    log.debug("mock GPIO: the requester went away", exc_info=True)
+
+    t = threading.Thread(target=serve, name="mock-gpio", daemon=True)
+    t.start()
+    return t

@@ -63,7 +63,14 @@ class EmulatedKiosk:
     def __init__(self, hall: "EmulatedHall", device_id: str, *, prefix: str,
                  services=DEFAULT_SERVICES, board: str = "rpi4b", poll_interval_s: float = 0.1,
                  choose_timeout_s: float = 20.0, clock_trust: str = "assume_synced",
-                 qr: bool = False, cell: str | None = None, cell_hold_s: float = 5.0) -> None:
+                 qr: bool = False, cell: str | None = None, cell_hold_s: float = 5.0,
+                 cell_sensors: tuple[str, ...] = ("pir", "door"), remote_gpio: bool = False,
+                 broker_port: int | None = None, keepalive_s: int = 10) -> None:
+        """``remote_gpio``: the agent will be spawned (:meth:`spawn_agent`) and its pins are
+        driven over edge.gpio's mock-pin socket; otherwise they are this process's
+        MockFactory. ``cell_sensors``: any of "pir", "door" (GPIO), "radar" (LD2410 on a pty),
+        "node" (the Pico cell node protocol on a pty). ``broker_port``: where the agent
+        connects when it is not the broker's own port (a proxy in between)."""
         from gpiozero.pins.mock import MockFactory
 
         from boards import load_board
@@ -83,7 +90,16 @@ class EmulatedKiosk:
         self.services = tuple(services)
         # GPIO: the MockFactory the in-process agent's gpiozero devices use; buttons, LEDs and
         # the cell's PIR and door switch are its pins.
-        self.factory = MockFactory()
+        self.gpio_socket = self.dir / "gpio.sock"
+        if remote_gpio:
+            from emulator.gpio import RemotePins
+
+            self.factory = RemotePins(self.gpio_socket)
+        else:
+            self.factory = MockFactory()
+        self.remote_gpio = remote_gpio
+        self.broker_port = broker_port
+        self.keepalive_s = keepalive_s
         used = {b for _, _, b in self.services}
         self.buttons = Buttons(self.factory, {r: p for r, p in self.board.service_buttons.items() if r in used})
         self.leds = Leds(self.factory, {r: p for r, p in self.board.service_leds.items() if r in used})
@@ -102,8 +118,15 @@ class EmulatedKiosk:
             from emulator.cells import EmulatedCell
 
             occ = self.board.occupancy
-            self.cell = EmulatedCell(cell, self.dir, factory=self.factory, pir_pin=occ.get("pir"),
-                                     door_pin=occ.get("door"), indicator_pin=CELL_INDICATOR_PIN)
+            unknown = set(cell_sensors) - {"pir", "door", "radar", "node"}
+            if unknown or not cell_sensors:
+                raise ValueError(f"cell sensors: {sorted(unknown) or 'none given'}")
+            self.cell_sensors = tuple(cell_sensors)
+            self.cell = EmulatedCell(cell, self.dir, factory=self.factory,
+                                     pir_pin=occ.get("pir") if "pir" in cell_sensors else None,
+                                     door_pin=occ.get("door") if "door" in cell_sensors else None,
+                                     indicator_pin=CELL_INDICATOR_PIN,
+                                     radar="radar" in cell_sensors, node="node" in cell_sensors)
         self.config_path = self.dir / "agent.toml"
         self.clock_trust = clock_trust
         self._write_config(prefix, board, poll_interval_s, choose_timeout_s)
@@ -119,8 +142,13 @@ class EmulatedKiosk:
                   f'eid_keys = ["{public_b64(self.hall.eid.public_key)}"]\n')
         cell = ""
         if self.cell is not None:
-            cell = (f'[cell]\nid = "{self.cell.id}"\nindicator_pin = {CELL_INDICATOR_PIN}\n'
-                    f'hold_s = {self.cell_hold_s}\nhold_motion_only_s = {max(10.0, self.cell_hold_s)}\n'
+            c = self.cell
+            cell = (f'[cell]\nid = "{c.id}"\nindicator_pin = {CELL_INDICATOR_PIN}\n'
+                    f'pir = {str(c.pir_pin is not None).lower()}\n'
+                    f'door = {str(c.door_pin is not None).lower()}\n'
+                    + (f'radar_port = "{c.radar.path}"\n' if c.radar is not None else '')
+                    + (f'node_port = "{c.node.path}"\n' if c.node is not None else '')
+                    + f'hold_s = {self.cell_hold_s}\nhold_motion_only_s = {max(10.0, self.cell_hold_s)}\n'
                     f'min_presence_s = 0.3\n')
         services = "\n".join(
             f'[[services]]\ncategory = "{c}"\nname = "{n}"\nbutton = "{b}"\n' for c, n, b in self.services)
@@ -139,8 +167,8 @@ citizen_hash_secret_file = "{self.hall.secret_path}"
 
 [broker]
 host = "127.0.0.1"
-port = {self.hall.broker.port}
-keepalive_s = 10
+port = {self.broker_port or self.hall.broker.port}
+keepalive_s = {self.keepalive_s}
 reconnect_min_s = 0.2
 reconnect_max_s = 2.0
 
@@ -201,6 +229,10 @@ trust = "{clock_trust}"
     def spawn_agent(self, *, env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
         # As the kiosk's systemd unit runs it: -OO (deploy/systemd/hallkiosk.service).
         full_env = dict(os.environ, PYTHONOPTIMIZE="2")
+        if self.remote_gpio:
+            from edge.gpio import MOCK_GPIO_ENV
+
+            full_env[MOCK_GPIO_ENV] = str(self.gpio_socket)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hallkiosk.cli", "agent", "--config", str(self.config_path)],
@@ -217,13 +249,18 @@ trust = "{clock_trust}"
             self.scanner.close()
         if self.cell is not None:
             self.cell.close()
+        if self.remote_gpio:
+            self.factory.close()
 
 
 class EmulatedHall:
     """A hall: one broker, its ticket consumer (ledger), its secret, and kiosks."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, hall_id: str = "citizen-home",
-                 hall_name: str = "Citizen Home Service Centre") -> None:
+                 hall_name: str = "Citizen Home Service Centre",
+                 extra_services: tuple[tuple[str, str], ...] = ()) -> None:
+        """``extra_services``: (id, role) identities enrolled besides the defaults (ledger,
+        ops, auditor), before the broker's ACLs are generated."""
         self.dir = Path(workdir).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hall_id = hall_id
@@ -232,7 +269,10 @@ class EmulatedHall:
         write_private_file(self.secret_path, base64.b64encode(secrets.token_bytes(32)) + b"\n")
         # The real provisioning flow: hall CA, service certificates, the broker's generated
         # TLS config with per-device ACLs; kiosks are enrolled as they are added.
-        self.pki = provision_emulated_hall(self.dir / "pki", hall=hall_id)
+        from provisioning.emulated import DEFAULT_SERVICES as SERVICE_IDS
+
+        self.pki = provision_emulated_hall(self.dir / "pki", hall=hall_id,
+                                           services=SERVICE_IDS + tuple(extra_services))
         self.ledger_id = "ledger"
         self.ledger_key = self.pki["ledger"].key
         # The hall's keyring, from certificates (chain and CRL checked): kiosks, the ledger

@@ -91,6 +91,7 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     from edge.cells.node import add_parser as add_cell_node
     from emulator.bench_qr import add_parser as add_qr_bench
     from emulator.booking import add_parser as add_qr_code
+    from hall.cli import add_parser as add_hall
     from ops.cli import add_parser as add_ops
     from provisioning.cli import add_parser as add_provision
 
@@ -99,6 +100,7 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     add_cell_node(sub)
     add_qr_bench(sub)
     add_qr_code(sub)
+    add_hall(sub)
     return p
 
 
