@@ -62,6 +62,8 @@ class BlackholeProxy:
         self._server: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stopped = False
+        self._switched = threading.Event()
         self.connections = 0
         self.open_at_blackhole = 0      # connections open when the last blackhole began
         self.bytes_up = 0
@@ -88,7 +90,9 @@ class BlackholeProxy:
         self._thread.start()
         return self
 
-    def blackhole(self, on: bool) -> None:
+    def blackhole(self, on: bool, timeout_s: float = 5.0) -> None:
+        """Returns once the relay's thread has switched: no connection is accepted after
+        ``blackhole(True)`` returns."""
         with self._lock:
             if on and self._hole_since is None:
                 self._hole_since = time.monotonic()
@@ -96,7 +100,11 @@ class BlackholeProxy:
                 self.open_at_blackhole = len(self._pairs)
             elif not on:
                 self._hole_since = None
+            self._switched.clear()
         self._wake_w.send(b"x")
+        if self._thread is not None and self._thread.is_alive():
+            if not self._switched.wait(timeout_s):
+                raise ProxyError(f"the relay did not switch within {timeout_s} s")
 
     def closed_by_client_during_blackhole(self) -> list[float]:
         """Seconds from the start of the last blackhole to each client closing during it."""
@@ -104,6 +112,9 @@ class BlackholeProxy:
             return list(self._detected)
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping = True
         self._wake_w.send(b"x")
         if self._thread is not None:
@@ -130,10 +141,12 @@ class BlackholeProxy:
     def _loop(self) -> None:
         was_holed = False
         while not self._stopping:
-            holed = self._holed
-            if holed != was_holed:
-                self._switch(holed)
-                was_holed = holed
+            with self._lock:
+                holed = self._holed
+                if holed != was_holed:
+                    self._switch(holed)
+                    was_holed = holed
+                self._switched.set()
             for key, mask in self._sel.select(1.0):
                 what = key.data
                 if what == "wake":
@@ -161,6 +174,8 @@ class BlackholeProxy:
                 self._close(p)      # the close the blackhole ate arrives now
 
     def _accept(self) -> None:
+        if self._holed:
+            return                 # switched in this round: the connection waits in the backlog
         try:
             c, _ = self._server.accept()
         except BlockingIOError:

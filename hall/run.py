@@ -344,7 +344,15 @@ port = 0
                 k.scanner.scan(self.hall.eid.code(card.id_number, now_s=int(time.time())))
             if a.staff_call and k.staff_button is not None:
                 k.staff_button.press("staff")
+            if card is not None and a.kind == "idcard" and not _wait(
+                    lambda: k.reader.card_halted, s.ticket_wait_s):
+                # The agent never read the card (its reader unplugged, the agent killed).
+                return Served(a, k.device_id, ok=False, wall_s=started, attempts=attempt)
             if a.kind != "appointment":
+                # Only once the agent has read this citizen's card: the buttons may still be
+                # blinking for the session of someone who walked away a moment ago, and a
+                # press before the read would take that session's ticket (the make hall run
+                # of 2026-12-06 printed 45 tickets more than citizens served this way).
                 if not self._wait_choosing(k, role, s.ticket_wait_s):
                     return Served(a, k.device_id, ok=a.leaves, wall_s=started, attempts=attempt)
                 if a.leaves:
@@ -564,6 +572,9 @@ port = 0
             "duplicated": len(ticket_ids) - len(set(ticket_ids)),
             "printed_twice": len(printed) - len(printed_set),
             # Issued but never on paper (the printer failed mid-ticket): the ledger must say so.
+            # Tickets no served citizen took: a citizen who moved on got one late, or a press
+            # took someone else's session (see _one_citizen).
+            "tickets_beyond_served": len(printed) - len(served),
             "issued_not_printed": sum(1 for r in rows if r.ticket_uid not in printed_set),
             "ledger_says_printed_wrongly": sum(1 for r in rows if r.ticket_uid not in printed_set
                                                and r.printed == "yes"),
@@ -632,6 +643,15 @@ port = 0
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)   # a person watching the kiosk
+    return True
 
 
 def _spread(values: list[float]) -> dict:
