@@ -3,9 +3,7 @@ blackhole relay (against a real Mosquitto, with paho's own keepalive)."""
 
 from __future__ import annotations
 
-import struct
 import threading
-import zlib
 from collections import Counter
 
 import paho.mqtt.client as paho
@@ -13,7 +11,7 @@ import pytest
 
 from hall.arrivals import DAY_S, day_schedule, density, per_minute
 from hall.blackhole import BlackholeProxy
-from hall.report import BG, percentile, plot_day, render_terminal, write_report
+from hall.report import render_terminal, write_report
 from tests.conftest import wait_for
 
 QR = set(range(0, 50, 2))
@@ -46,25 +44,6 @@ def test_the_day_has_its_tickets_peaks_and_mix():
     assert [a.t_day_s for a in day] == sorted(a.t_day_s for a in day)
 
 
-def test_one_kiosk_serves_one_citizen_at_a_time():
-    day = _day()
-    last: dict[int, float] = {}
-    for a in day:
-        if a.kiosk in last:
-            assert a.t_day_s - last[a.kiosk] >= 90 - 1e-6
-        last[a.kiosk] = a.t_day_s
-
-
-def test_the_schedule_is_the_seed_s():
-    assert _day(seed=3, tickets=500) == _day(seed=3, tickets=500)
-    assert _day(seed=3, tickets=500) != _day(seed=4, tickets=500)
-
-
-def test_no_qr_kiosks_means_cards_only():
-    day = day_schedule(kiosks=3, qr_kiosks=set(), cell_kiosks=set(), tickets=50, seed=1, min_gap_s=10)
-    assert {a.kind for a in day} == {"idcard"}
-
-
 def test_days_that_cannot_be_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         day_schedule(kiosks=2, qr_kiosks=set(), cell_kiosks=set(), tickets=1000, seed=1, min_gap_s=60)
@@ -75,47 +54,6 @@ def test_days_that_cannot_be_are_refused():
     with pytest.raises(ValueError, match="indexes"):
         day_schedule(kiosks=2, qr_kiosks={5}, cell_kiosks=set(), tickets=1, seed=1, min_gap_s=1)
     assert density(0) == 0 and density(DAY_S) == 0 and density(5400) > density(900)
-
-
-def test_percentile_is_nearest_rank():
-    assert percentile([15, 20, 35, 40, 50], 30) == 20
-    assert percentile([15, 20, 35, 40, 50], 100) == 50
-    assert percentile(list(range(1, 101)), 99) == 99
-    with pytest.raises(ValueError):
-        percentile([], 50)
-
-
-def _png_rows(data: bytes):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert crc == zlib.crc32(kind + body), kind
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + n
-    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert len(raw) == h * (1 + 3 * w)
-    return w, h, [raw[y * (1 + 3 * w) + 1:(y + 1) * (1 + 3 * w)] for y in range(h)]
-
-
-def test_the_plot_draws_the_busy_minutes_only(tmp_path):
-    from hall.report import TOP_PANEL, _x
-
-    pm = [0] * 510
-    pm[100] = 10
-    plot_day(tmp_path / "d.png", pm, [(6000, 150.0), (6100, 300.0), (20000, 120.0)])
-    w, h, rows = _png_rows((tmp_path / "d.png").read_bytes())
-    assert (w, h) == (1000, 600)
-    row = rows[TOP_PANEL[1] - 3]
-
-    def px(x):
-        return tuple(row[3 * x:3 * x + 3])
-
-    assert px(_x(100) + 1) != BG            # the busy minute has its bar
-    assert px(_x(300) + 1) == BG            # an empty minute has none
 
 
 def test_report_files_and_terminal_summary(tmp_path):
