@@ -205,6 +205,12 @@ class EmulatedReader(PtyDevice):
             return list(self._commands)
 
     @property
+    def command_count(self) -> int:
+        """How many commands were received (a poll loop's cheap "has it asked since")."""
+        with self._state:
+            return len(self._commands)
+
+    @property
     def card_halted(self) -> bool:
         with self._state:
             return self._phase == "halted"

@@ -39,7 +39,7 @@ from emulator.idcard import Card
 from emulator.kiosk import EmulatedHall, EmulatedKiosk
 from hallkiosk.errors import HallkioskError
 
-from .arrivals import Arrival, day_schedule, per_minute
+from .arrivals import Arrival, day_schedule
 from .blackhole import BlackholeProxy
 
 log = logging.getLogger("hallkiosk.hall")
@@ -171,12 +171,12 @@ class HallDay:
     def _wait_agent_up(self, k: EmulatedKiosk, deadline: float) -> None:
         """Until the agent answers on its GPIO socket and polls its card reader; then the
         emulated inputs are driven to their current levels."""
-        n = len(k.reader.commands)
+        n = k.reader.command_count
         while time.monotonic() < deadline:
             if k.proc.poll() is not None:
                 raise HallRunError(f"{k.device_id}: the agent exited ({k.proc.returncode}); "
                                    f"see {k.dir / 'agent.log'}")
-            if len(k.reader.commands) > n:
+            if k.reader.command_count > n:
                 try:
                     k.factory.resync()
                     return
@@ -532,6 +532,15 @@ port = 0
                 "self": proc_cpu_s(os.getpid()),
                 "broker": proc_cpu_s(self.hall.broker.proc.pid) if self.hall.broker.running else 0.0}
 
+    def _disagreements(self, rows) -> dict[str, list[int]]:
+        in_ledger: dict[str, set[str]] = {}
+        for r in rows:
+            in_ledger.setdefault(r.device, set()).add(r.ticket_uid)
+        seen = {x.device: x.tickets for x in self.monitor.snapshot()}
+        return {d: [seen.get(d, 0), len(in_ledger.get(d, ()))]
+                for d in sorted(set(seen) | set(in_ledger))
+                if seen.get(d, 0) != len(in_ledger.get(d, ()))}
+
     def _report(self, schedule, day_s, cpu0, cpu1, settle) -> dict:
         from .report import percentile
 
@@ -593,7 +602,11 @@ port = 0
             "cores": os.cpu_count(),
             "harness_cpu_pct": round(100 * (cpu1["self"] - cpu0["self"]) / wall, 1),
             "ops": {"metrics_tickets": metrics, "dashboard_tickets": snap_tickets,
-                    "agree_with_ledger": metrics == snap_tickets == len(set(ledger_uids))},
+                    "agree_with_ledger": metrics == snap_tickets == len(set(ledger_uids)),
+                    # Where they do not agree: (dashboard, ledger) per kiosk, and why the
+                    # monitor refused what it refused.
+                    "disagree_by_kiosk": self._disagreements(rows),
+                    "monitor_rejected": self.monitor.stats_copy()["rejected"]},
         }
         report["ok"] = (report["lost"] == 0 and report["duplicated"] == 0
                         and report["printed_twice"] == 0 and report["outbox_left"] == 0
@@ -616,6 +629,8 @@ port = 0
     def close(self) -> None:
         self._stop.set()
         self._supervise.clear()
+        # Every agent is told to stop first and then waited for, all at once: the hall's own
+        # close ends them one by one, up to 10 s each.
         for k in self.kiosks:
             if k.proc is not None and k.proc.poll() is None:
                 k.proc.send_signal(signal.SIGTERM)
@@ -697,7 +712,6 @@ def machine_busy_s() -> float:
 
 def run_hall_day(spec: HallSpec, out: Path, *, workdir: Path | None = None, progress=None) -> dict:
     """Set up, run, report (out/report.json, out/day.png); the report dict is returned."""
-    from .arrivals import per_minute as _pm
     from .report import write_report
 
     out = Path(out)
@@ -717,4 +731,4 @@ def run_hall_day(spec: HallSpec, out: Path, *, workdir: Path | None = None, prog
     return report
 
 
-__all__ = ["HallDay", "HallSpec", "HallRunError", "run_hall_day", "per_minute"]
+__all__ = ["HallDay", "HallSpec", "HallRunError", "run_hall_day"]

@@ -227,6 +227,13 @@ class _Kiosk:
     excused: dict[tuple[str, int], None] = field(default_factory=dict)
 
 
+def _hall_device(v: Verified) -> tuple[str, str]:
+    if v.hall and v.device:
+        return v.hall, v.device
+    parts = parse_topic(v.topic)
+    return parts.hall, parts.device
+
+
 class Fleet:
     """Every kiosk of the halls a monitor watches. Not thread-safe: one owner (a lock).
 
@@ -286,10 +293,7 @@ class Fleet:
         """Fold one verified message in. ``retained``: a retained copy the broker re-sent on
         subscribe (it proves nothing about the kiosk being alive now)."""
         now = self.clock.monotonic()
-        hall, device = v.hall, v.device
-        if not hall or not device:
-            parts = parse_topic(v.topic)
-            hall, device = parts.hall, parts.device
+        hall, device = _hall_device(v)
         changes: list[Change] = []
         k = self._kiosk(hall, device, create=True)
         if k is None:
@@ -317,6 +321,23 @@ class Fleet:
             handler = _HANDLERS.get(v.msg_type)
             if handler is not None:
                 handler(self, k, v, now, changes)
+        return changes
+
+    def ledger_ticket(self, v: Verified) -> list[Change]:
+        """A ticket the hall's ledger consumer verified on its own link: counted once with the
+        ones this monitor saw itself (dedupe on ticket_uid, as for re-sends).
+
+        The monitor's own subscription can miss a ticket the ledger has: Mosquitto forgets
+        every session when it is killed between snapshots, a kiosk that reconnects before the
+        monitor publishes into no subscription of the monitor's, and the kiosk re-sends only
+        what the ledger has not acknowledged. The ledger is the hall's record, so the
+        dashboard counts what it holds. Nothing else is taken from it: liveness and sequence
+        accounting stay the monitor's own view."""
+        hall, device = _hall_device(v)
+        changes: list[Change] = []
+        k = self._kiosk(hall, device, create=True)
+        if k is not None:
+            self._on_ticket(k, v, self.clock.monotonic(), changes)
         return changes
 
     def _restore_status(self, k: _Kiosk, now: float, changes: list[Change]) -> None:

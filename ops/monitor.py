@@ -23,7 +23,9 @@ tracker (docs/mqtt-contract.md section 3); everything else with it.
 The hall's ticket consumers (ops.consumer.TicketConsumer, group ``consumers``) run next to
 the monitor when given; they keep their own link and their own verification (their
 shared subscription is what splits the tickets between instances, and the ledger they share
-is what stops two instances from both accepting one ticket).
+is what stops two instances from both accepting one ticket). Each ticket a consumer verifies
+is also counted in the fleet, once with what the monitor's link saw (Fleet.ledger_ticket):
+after a broker crash the monitor's link can miss a ticket the ledger has.
 """
 
 from __future__ import annotations
@@ -153,6 +155,11 @@ class Monitor:
         if alert_signer is not None and self.sink.publish is None:
             self.sink.publish = self._publish_alert
         self.consumers = tuple(consumers)
+        for consumer in self.consumers:
+            # The dashboard's ticket count is the ledger's as well as what this link saw
+            # (Fleet.ledger_ticket says why); a consumer given a hook of its own keeps it.
+            if getattr(consumer, "on_ticket", False) is None:
+                consumer.on_ticket = self._ledger_ticket
         self.tracker = SequenceTracker()
         self.stats = MonitorStats()
         self.lock = threading.Lock()
@@ -284,6 +291,15 @@ class Monitor:
         for change in changes:
             self._log_change(change)
         return result
+
+    def _ledger_ticket(self, v: Verified, _new: bool) -> None:
+        """From a consumer's thread: a ticket the ledger verified (and stored or had)."""
+        with self.lock:
+            changes = self.fleet.ledger_ticket(v)
+            if changes:
+                self.alerts.observe(changes)
+        for change in changes:
+            self._log_change(change)
 
     def _log_change(self, c: Change) -> None:
         level = _LOGGED.get(c.what)

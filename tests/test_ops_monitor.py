@@ -82,10 +82,10 @@ def start_monitor(hall, *, published=None, instance: str = "ops-mon", **kw) -> M
         kw["alert_signer"] = alert_signer(service_key(hall, instance, "monitor"), instance)
     sink = AlertSink(None if published is None else
                      (lambda topic, body: published.append((topic, body))))
+    kw = {"reconnect_min_s": 0.1, "reconnect_max_s": 1.0, **kw}
     mon = Monitor(halls=[hall.hall_id], keyring=hall.keyring, port=hall.broker.port,
                   instance=instance, fleet=fleet, alerts=AlertEngine(RULES), sink=sink,
-                  tick_s=0.1, reconnect_min_s=0.1, reconnect_max_s=1.0,
-                  tls=tls(hall, instance), **kw).start()
+                  tick_s=0.1, tls=tls(hall, instance), **kw).start()
     assert mon.wait_connected(10), "monitor did not connect"
     return mon
 
@@ -492,6 +492,49 @@ def test_two_monitors_share_the_load_without_double_acking(hall):
         for m in monitors:
             m.stop()
         rec.stop()
+
+
+def test_a_ticket_the_monitor_missed_in_a_broker_crash_is_counted_from_the_ledger(hall):
+    # A Mosquitto killed between snapshots forgets every session. A kiosk back before the
+    # monitor publishes a ticket into no subscription of the monitor's; the ledger has it and
+    # acks it, so the kiosk never sends it again. (The hall day hit this: dashboard 149,
+    # ledger 150.) The dashboard counts what the ledger holds, once.
+    consumer = TicketConsumer(service_id=hall.ledger_id, hall=hall.hall_id, key=hall.ledger_key,
+                              keyring=hall.keyring, state_dir=hall.dir / "crash-ledger",
+                              host="127.0.0.1", port=hall.broker.port,
+                              tls=tls(hall, hall.ledger_id))
+    k9 = hall.add_kiosk("k9")
+    # The monitor waits 8 s before each reconnect; the consumer 0.2 s to 5 s.
+    mon = start_monitor(hall, consumers=[consumer], reconnect_min_s=8.0, reconnect_max_s=8.0)
+    try:
+        assert consumer.link.wait_connected(10)
+        wire = Wire(hall, k9)
+        wire.publish(*wire.seal("ticket", ticket_body("k9", 1)))
+        wait_for(lambda: [k.tickets for k in mon.snapshot() if k.device == "k9"] == [1],
+                 what="the first ticket on the dashboard")
+        wire.close()
+
+        hall.broker.kill()
+        wait_for(lambda: not mon.stats_copy()["connected"], what="the monitor saw the crash")
+        hall.broker.start()
+        assert consumer.link.wait_connected(10)
+        seq, wire = wire._seq, Wire(hall, k9)
+        wire._seq = seq                 # a kiosk's sequence survives its reconnects
+        wire.publish(*wire.seal("ticket", ticket_body("k9", 2)))
+        wait_for(lambda: consumer.ledger.count() == 2, what=f"the second ticket in the ledger")
+        # Only meaningful while the monitor is still away: it must not have seen it itself.
+        assert not mon.stats_copy()["connected"], "the monitor came back before the ticket"
+        wire.publish(*wire.seal("ticket", ticket_body("k9", 2)))   # a re-send: counted once
+        assert mon.wait_connected(15)
+        wire.publish(*wire.seal("ticket", ticket_body("k9", 3)))   # seen by both: once
+        wait_for(lambda: consumer.ledger.count() == 3, what="the third ticket in the ledger")
+        wait_for(lambda: mon.stats_copy()["by_kind"].get("ticket", 0) >= 2,
+                 what="the monitor saw the third ticket itself")
+        wire.close()
+        [k] = [k for k in mon.snapshot() if k.device == "k9"]
+        assert k.tickets == consumer.ledger.count() == 3
+    finally:
+        mon.stop()
 
 
 def test_subscriptions_keep_state_unshared():
