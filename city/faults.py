@@ -1,6 +1,7 @@
 """The fault scenario shared by ``make city`` and tests/test_city.py: a cluster node
 killed, the city cut off from every hall (all nodes down, then back), a hall broker
-restarted; tickets issued throughout. Returns the figures; the caller asserts or prints.
+restarted; tickets issued throughout. With central ops running, what they count is checked
+against the city ledger at the end. Returns the figures; the caller asserts or prints.
 """
 
 from __future__ import annotations
@@ -77,4 +78,32 @@ def run_faults(run: CityRun, *, per_kiosk: int = 2, cut_s: float = 5.0,
     issued = [u for k in run.kiosks for u in k.issued]
     fig["tickets_issued"] = len(issued)
     fig["tickets_in_city_ledger"] = sum(1 for u in issued if run.city_has([u]))
+    if run.central:
+        fig.update(central_figures(run, 30.0))
     return fig
+
+
+def central_figures(run: CityRun, timeout_s: float) -> dict[str, float]:
+    """Central ops against the city ledger: every hall watched by exactly one instance, every
+    kiosk online, tickets per hall equal to the city ledger's (re-sends counted once)."""
+    def city_rows() -> dict[str, int]:
+        return {h.name: len(run.city.ledgers[h.name].rows()) for h in run.halls}
+
+    try:
+        wait_until(lambda: run.central_tickets() == city_rows(), timeout_s,
+                   "central ops counting what the city ledger holds")
+    except TimeoutError:
+        pass     # reported below as a disagreement
+    view = run.central_view()
+    seen = run.central_tickets()
+    rows = city_rows()
+    return {
+        "central_instances": len(run.central),
+        "central_tickets": sum(seen.values()),
+        "central_agree_with_city_ledger": seen == rows,
+        "central_disagree": {h: [seen.get(h, 0), n] for h, n in rows.items() if seen.get(h, 0) != n},
+        "central_halls_watched_once": (set(view["halls_by"]) == {h.name for h in run.halls}
+                                       and all(len(v) == 1 for v in view["halls_by"].values())),
+        "central_kiosks_online": sum(1 for st in view["status"].values() if st == "online"),
+        "central_messages_verified": view["verified"],
+    }

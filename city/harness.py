@@ -17,6 +17,7 @@ from ops.consumer import TicketConsumer
 from provisioning.emulated import DEFAULT_SERVICES, HallMaterials, provision_emulated_hall
 
 from .bridge import render_bridge_conf
+from .central import CentralOps, start_central_ops
 from .cluster import NatsCluster
 from .kiosks import LightKiosk
 from .ledger import CityLedger, HallTrust
@@ -51,9 +52,13 @@ class Hall:
 
 class CityRun:
     def __init__(self, workdir: str | Path, *, halls: int = 3, kiosks_per_hall: int = 3,
-                 nodes: int = 3) -> None:
+                 nodes: int = 3, central_ops: int = 0) -> None:
+        """``central_ops``: how many ``hallkiosk ops run`` instances watch the city (the
+        halls split between them)."""
         self.dir = Path(workdir).absolute()
         self.n_halls, self.n_kiosks = halls, kiosks_per_hall
+        self.n_central = central_ops
+        self.central: list[CentralOps] = []
         self.pki = city_pki(self.dir / "city-pki")
         self.cluster = NatsCluster(self.dir / "cluster", self.pki.node_tls(), size=nodes)
         self.halls: list[Hall] = []
@@ -92,7 +97,50 @@ class CityRun:
         wait_until(lambda: all(k.connected for h in self.halls for k in h.kiosks), 30,
                    "every kiosk connected to its hall broker")
         self.wait_bridges()
+        if self.n_central:
+            self.start_central()
         return self
+
+    def start_central(self, timeout_s: float = 60.0) -> None:
+        """Central ops (city/central.py) on the cluster; returns once every kiosk of the
+        city is online in exactly one instance."""
+        trust = {}
+        for h in self.halls:
+            pem = self.dir / h.name / "kiosk-certs.pem"
+            pem.write_bytes(b"".join(h.mats[k.device].cert_path.read_bytes() for k in h.kiosks))
+            trust[h.name] = (h.mats.chain_file, pem)
+        self.central = start_central_ops(self.dir / "central", halls=[h.name for h in self.halls],
+                                         instances=self.n_central,
+                                         addresses=self.cluster.mqtt_addresses, pki=self.pki,
+                                         hall_trust=trust)
+        want = {(k.hall, k.device) for k in self.kiosks}
+        wait_until(lambda: {key for key, st in self.central_view()["status"].items()
+                            if st == "online"} == want, timeout_s,
+                   "every kiosk online in central ops")
+
+    def central_view(self) -> dict:
+        """Central ops merged: tickets and status per (hall, kiosk), and which instances
+        report each hall (each must be reported by exactly one)."""
+        tickets: dict = {}
+        status: dict = {}
+        halls_by: dict[str, set[str]] = {}
+        verified = 0
+        for c in self.central:
+            view = c.scrape()
+            for key, n in view.get("tickets", {}).items():
+                tickets[key] = n
+                halls_by.setdefault(key[0], set()).add(c.instance)
+            status.update(view.get("status", {}))
+            verified += view.get("verified", 0)
+        return {"tickets": tickets, "status": status, "halls_by": halls_by,
+                "verified": verified}
+
+    def central_tickets(self) -> dict[str, int]:
+        """Tickets per hall as central ops count them."""
+        out: dict[str, int] = {}
+        for (hall, _device), n in self.central_view()["tickets"].items():
+            out[hall] = out.get(hall, 0) + n
+        return out
 
     def wait_bridges(self, timeout_s: float = 60.0) -> None:
         """Until a ticket of every hall has crossed its bridge and the city's ack came back.
@@ -110,6 +158,8 @@ class CityRun:
             time.sleep(0.05)
 
     def close(self) -> None:
+        for c in self.central:
+            c.stop()
         for h in self.halls:
             for k in h.kiosks:
                 k.stop()

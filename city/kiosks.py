@@ -44,8 +44,20 @@ class LightKiosk:
         c.reconnect_delay_set(0.2, 2)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        # Its state, as the agent keeps it: retained "online" on every connection, and a
+        # retained "offline" will the broker publishes if the kiosk vanishes. The bridge
+        # carries both to the city, where central ops build the fleet from them.
+        self._since_ms = int(time.time() * 1000)
+        self._session = 0
+        t = self.topics.state
+        c.will_set(t, self.signer.seal(t, "state", self._state_body("offline", "connection lost")),
+                   qos=1, retain=True)
         self._client = c
         self._host, self._port = host, port
+
+    def _state_body(self, status: str, reason: str | None = None) -> dict:
+        return {"status": status, "session": self._session, "agent_version": "0.1.0",
+                "since_ms": self._since_ms, "reason": reason, "services": ["passport"]}
 
     def start(self) -> "LightKiosk":
         self._client.connect_async(self._host, self._port, keepalive=10)
@@ -63,6 +75,10 @@ class LightKiosk:
     def _on_connect(self, client, _u, _f, reason, _p) -> None:
         if not reason.is_failure:
             client.subscribe(self.topics.ticket_ack, qos=1)
+            self._session += 1
+            t = self.topics.state
+            client.publish(t, self.signer.seal(t, "state", self._state_body("online")), qos=1,
+                           retain=True)
 
     def _on_message(self, _c, _u, m) -> None:
         try:

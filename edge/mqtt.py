@@ -1,4 +1,4 @@
-"""The MQTT link: one paho-mqtt 2.x client, MQTT 5, on a thread of its own.
+"""The MQTT link: one paho-mqtt 2.x client (MQTT 5; 3.1.1 for a city tier) on its own thread.
 
 What this wrapper adds to paho, each for a measured reason (PROTOCOLS.md):
 - Callbacks never raise: an exception inside any paho callback silently kills paho's network
@@ -111,8 +111,19 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
 MAX_PACKET_BYTES = 1024 * 1024
 
 
+#: Protocol versions a link speaks: MQTT 5 to hall brokers (everything on the kiosk side),
+#: 3.1.1 for a city tier whose gateway has no MQTT 5 (NATS: docs/city.md).
+PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+
 class MqttLink:
-    """Keeps one MQTT 5 session to the hall broker alive.
+    """Keeps one MQTT session to a broker alive (MQTT 5 unless ``protocol="3.1.1"``).
+
+    ``fallbacks``: further (host, port) addresses of the same clustered broker: after a failed
+    attempt or a lost connection the next address is tried, in turn (the session lives in
+    the cluster, so it resumes on any node). With 3.1.1 the session is kept by
+    ``clean_session=False`` (no expiry interval: the broker's own policy applies) and no
+    packet size is announced.
 
     ``subscriptions`` are (topic filter, qos) pairs re-subscribed on every connection.
     ``make_will`` is called on the link thread before a connection attempt that needs a new
@@ -130,7 +141,13 @@ class MqttLink:
                  make_will: Callable[[], Will | None] | None = None,
                  tls: TlsSettings | None = None, session_expiry_s: int = 3600,
                  rng: random.Random | None = None, name: str = "mqtt",
-                 on_message: Callable[[str, bytes, int, bool], None] | None = None) -> None:
+                 on_message: Callable[[str, bytes, int, bool], None] | None = None,
+                 protocol: str = "5", fallbacks: tuple[tuple[str, int], ...] = ()) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+        self.protocol = protocol
+        self._addresses = ((host, port), *fallbacks)
+        self._address_index = 0
         self.host, self.port = host, port
         self.keepalive_s = keepalive_s
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
@@ -151,9 +168,12 @@ class MqttLink:
         self._acked_early: set[int] = set()   # PUBACKs that arrived before publish() returned
         self._unacked_cond = threading.Condition()
 
+        self._sub_mids: dict[int, tuple[str, int]] = {}   # SUBSCRIBE mid -> (filter, qos)
+        self._sub_retries: dict[str, int] = {}            # filter -> refusals in a row
         self._down = threading.Event()        # set by on_disconnect: the session ended
+        extra = {} if protocol == "5" else {"clean_session": False}
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                        protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
+                        protocol=PROTOCOLS[protocol], reconnect_on_failure=False, **extra)
         c.enable_logger(_paho_logger(client_id))
         c.max_inflight_messages_set(100)
         if tls is not None:
@@ -237,14 +257,18 @@ class MqttLink:
         while not self._stop.is_set():
             try:
                 self._prepare_will()
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = self._session_expiry_s
-                props.MaximumPacketSize = MAX_PACKET_BYTES
-                self._client.connect(self.host, self.port, keepalive=self.keepalive_s,
-                                     clean_start=False, properties=props)
+                if self.protocol == "5":
+                    props = Properties(PacketTypes.CONNECT)
+                    props.SessionExpiryInterval = self._session_expiry_s
+                    props.MaximumPacketSize = MAX_PACKET_BYTES
+                    self._client.connect(self.host, self.port, keepalive=self.keepalive_s,
+                                         clean_start=False, properties=props)
+                else:
+                    self._client.connect(self.host, self.port, keepalive=self.keepalive_s)
             except Exception as exc:  # OSError, ssl errors: the broker is unreachable
                 self.last_error = f"connect to {self.host}:{self.port} failed: {exc}"
                 self._emit(LinkDown(self.last_error))
+                self._next_address()
                 self._wait_backoff()
                 continue
             # paho's own network thread runs the session (loop_start: publish() from any
@@ -260,7 +284,13 @@ class MqttLink:
                 self._connected.clear()
                 self._emit(LinkDown(self.last_error or "connection lost"))
             if not self._stop.is_set():
+                self._next_address()
                 self._wait_backoff()
+
+    def _next_address(self) -> None:
+        if len(self._addresses) > 1:
+            self._address_index = (self._address_index + 1) % len(self._addresses)
+            self.host, self.port = self._addresses[self._address_index]
 
     def _prepare_will(self) -> None:
         if self._make_will is None or not self._will_used:
@@ -294,8 +324,9 @@ class MqttLink:
                 return
             self._attempt = 0
             self._will_used = True
+            self._sub_mids.clear()
             for topic, qos in self.subscriptions:
-                client.subscribe(topic, qos=qos)
+                self._subscribe(client, topic, qos)
             self._connected.set()
             self._emit(LinkUp(bool(flags.session_present)))
         except Exception:
@@ -341,10 +372,41 @@ class MqttLink:
         except Exception:
             log.exception("%s: on_publish failed", self._name)
 
+    def _subscribe(self, client, topic: str, qos: int) -> None:
+        _rc, mid = client.subscribe(topic, qos=qos)
+        if mid is not None:
+            self._sub_mids[mid] = (topic, qos)
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        # A refusal is retried with backoff while the connection lasts: a clustered broker
+        # refuses a subscription while it elects the leader that stores it (NATS, after a
+        # node loss: "Unspecified error"), and a monitor without it would miss a kind of
+        # message for the whole session. A hall broker's ACL refusal keeps failing, slowly.
         try:
+            topic, qos = self._sub_mids.pop(mid, (None, 0))
             for rc in reason_codes:
-                if rc.is_failure:
+                if not rc.is_failure:
+                    if topic is not None:
+                        self._sub_retries.pop(topic, None)
+                    continue
+                if topic is None:
                     log.warning("%s: a subscription was refused: %s", self._name, rc)
+                    continue
+                n = self._sub_retries.get(topic, 0)
+                self._sub_retries[topic] = n + 1
+                delay = min(30.0, 0.5 * 2 ** n)
+                log.warning("%s: subscription to %s refused (%s): again in %.1f s", self._name,
+                            topic, rc, delay)
+                t = threading.Timer(delay, self._resubscribe, args=(topic, qos))
+                t.daemon = True
+                t.start()
         except Exception:
             log.exception("%s: on_subscribe failed", self._name)
+
+    def _resubscribe(self, topic: str, qos: int) -> None:
+        if self._stop.is_set() or not self._connected.is_set():
+            return         # the next connection subscribes to everything anyway
+        try:
+            self._subscribe(self._client, topic, qos)
+        except Exception:
+            log.exception("%s: re-subscribing to %s failed", self._name, topic)

@@ -171,7 +171,8 @@ def build_monitor(cfg: Any, *, with_ledger: bool = True, tick_s: float | None = 
                    tick_s=tick_s or cfg.tick_s, keepalive_s=cfg.broker.keepalive_s,
                    reconnect_min_s=cfg.broker.reconnect_min_s,
                    reconnect_max_s=cfg.broker.reconnect_max_s, tls=_tls(cfg.broker.tls),
-                   alert_signer=signer)
+                   alert_signer=signer, protocol=cfg.broker.protocol,
+                   fallbacks=cfg.broker.nodes)
 
 
 def _tls(files: Any) -> Any:

@@ -9,7 +9,7 @@ Layout (every section optional except ``[ops]``)::
 
     [ops]
     instance = "ops-1"                 # id of this monitor instance (MQTT client id prefix)
-    halls = ["citizen-home"]           # 1-64 hall ids watched
+    halls = ["citizen-home"]           # 1-512 hall ids watched
     state_dir = "/var/lib/hallkiosk-ops"
     share_group = ""                   # "" = see everything; an id = split telemetry, events,
                                        # tickets and command results with the other instances
@@ -23,6 +23,9 @@ Layout (every section optional except ``[ops]``)::
                                        # tls_key_file. Without either, alerts go to the log only
 
     [broker]                           # host, port, keepalive_s, reconnect_min_s, reconnect_max_s
+    protocol = "5"                     # "3.1.1" for a city tier's NATS gateway (no MQTT 5:
+                                       # no share_group, no hosted ledger)
+    nodes = ["10.1.0.2:8883"]          # more nodes of a clustered broker, tried in turn
     tls_ca_file = "hall-chain.pem"     # optional mTLS (all three, or none): the monitor's own
     tls_cert_file = "ops-1.crt"        # certificate; the broker takes its CN as client id,
     tls_key_file = "ops-1.key"         # so it must be unique per instance
@@ -32,6 +35,11 @@ Layout (every section optional except ``[ops]``)::
     certs = ["kiosks.pem"]             # (provisioning export-certs) ...
     crl = "hall.crl"                   # ... minus the revoked ones (optional)
     inventory = "inventory.toml"       # and/or a plain key list (below), e.g. for the emulator
+    [[keys.hall]]                      # central ops: each hall under its own CA, its keys
+    hall = "hall1"                     # trusted for that hall's topics only
+    ca_chain = "hall1/chain.pem"
+    certs = ["hall1/kiosks.pem"]
+    crl = "hall1/hall.crl"             # optional
 
     [ledger]                           # the ticket consumer this monitor hosts
     enabled = true
@@ -77,7 +85,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import difflib
+import logging
 import os
 import re
 import tomllib
@@ -89,7 +99,11 @@ from hallkiosk.errors import ConfigError, ContractError
 from mqtt_topics.envelope import Keyring
 from ops.alerts import DEFAULT_RULES, KINDS, SEVERITIES, AlertRule
 
+log = logging.getLogger("hallkiosk.ops.config")
+
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,31}")
+#: Halls one monitor process may watch: a city's ~100 with room (5 filters each).
+MAX_HALLS = 512
 _ID_RULE = "1-32 of A-Z a-z 0-9 _ -, not starting with -"
 _ROLES = ("kiosk", "consumer", "operator", "ops")
 DEFAULT_OPS_CONFIG = Path("/etc/hallkiosk/ops.toml")
@@ -113,6 +127,8 @@ class BrokerSettings:
     reconnect_min_s: float
     reconnect_max_s: float
     tls: TlsFiles | None = None
+    protocol: str = "5"                            # "5", or "3.1.1" for a city gateway
+    nodes: tuple[tuple[str, int], ...] = ()        # more nodes of a clustered broker
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +139,18 @@ class TrustSources:
     certs: tuple[Path, ...]
     crl: Path | None
     inventory: Path | None
+    #: Central ops watching several halls, each under its own CA: ([[keys.hall]]).
+    halls: tuple["HallTrustSources", ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HallTrustSources:
+    """One hall's CA chain, its kiosk certificates and CRL; its keys sign only that hall."""
+
+    hall: str
+    ca_chain: Path
+    certs: tuple[Path, ...]
+    crl: Path | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +403,8 @@ def parse_ops_config(data: dict, *, source: str, base_dir: Path) -> OpsConfig:
     tick_s = ops.seconds("tick_s", 1.0, 0.05, 60)
 
     b = top.table("broker", ("host", "port", "keepalive_s", "reconnect_min_s", "reconnect_max_s",
-                             "tls_ca_file", "tls_cert_file", "tls_key_file"))
+                             "tls_ca_file", "tls_cert_file", "tls_key_file", "protocol",
+                             "nodes"))
     broker = BrokerSettings(b.text("host", "127.0.0.1") or "",
                             b.integer("port", 1883, 1, 65535) or 0,
                             b.integer("keepalive_s", 30, 5, 3600) or 0,
@@ -385,16 +414,25 @@ def parse_ops_config(data: dict, *, source: str, base_dir: Path) -> OpsConfig:
         p.add("broker.reconnect_min_s", "must not exceed reconnect_max_s")
     ca_file = b.file("tls_ca_file", None)
     tls = _tls(b, ca_file)
-    if tls is not None:
-        broker = BrokerSettings(broker.host, broker.port, broker.keepalive_s,
-                                broker.reconnect_min_s, broker.reconnect_max_s, tls)
+    broker = dataclasses.replace(broker, tls=tls, protocol=b.choice("protocol", "5", ("5", "3.1.1"))
+                                 or "5", nodes=_nodes(b))
+    if broker.protocol == "3.1.1" and share_group:
+        p.add("ops.share_group", "shared subscriptions need MQTT 5; with protocol 3.1.1 "
+                                 "split the load by giving each instance its own halls")
 
-    trust = _trust_sources(top.table("keys", ("ca_chain", "certs", "crl", "inventory"),
+    trust = _trust_sources(top.table("keys", ("ca_chain", "certs", "crl", "inventory", "hall"),
                                      required=True))
+    for _hall in trust.halls:
+        if halls and _hall.hall not in halls:
+            p.add("keys.hall", f"hall {_hall.hall!r} is not in ops.halls")
 
     lg = top.table("ledger", ("enabled", "service_id", "key", "group", "state_dir",
                               "tls_cert_file", "tls_key_file"))
     enabled = lg.boolean("enabled", True)
+    if enabled and broker.protocol != "5":
+        p.add("ledger.enabled", "the hall ledger shares its load over MQTT 5 shared "
+                                "subscriptions: set enabled = false with protocol 3.1.1 (the "
+                                "city's ledger is city/ledger.py)")
     ledger_tls = _tls(lg, ca_file)
     if ca_file is not None and ledger_tls is None and enabled and tls is not None:
         p.add("ledger.tls_cert_file", "the broker needs mTLS: give the ledger its own "
@@ -455,9 +493,37 @@ def _trust_sources(t: _Table) -> TrustSources:
         certs = [t.p.base_dir / c for c in raw]
     if certs and ca_chain is None:
         t.p.add(t.at("ca_chain"), "required with certs (certificates are checked against it)")
-    if not certs and inventory is None and "certs" not in t.data:
-        t.p.add(t.path or "keys", "no keys: set certs (with ca_chain) and/or inventory")
-    return TrustSources(ca_chain, tuple(certs), crl, inventory)
+    halls = []
+    for where, item in t.tables("hall"):
+        h = _Table(t.p, where, item, ("hall", "ca_chain", "certs", "crl"))
+        hall, chain, hall_crl = h.ident("hall"), h.file("ca_chain"), h.file("crl", None)
+        raw = h.data.get("certs", _MISSING)
+        if not isinstance(raw, list) or not raw or not all(isinstance(c, str) and c for c in raw):
+            h.p.add(h.at("certs"), f"expected an array of PEM file paths, found {_found(raw)}")
+        elif hall is not None and chain is not None:
+            if any(x.hall == hall for x in halls):
+                h.p.add(h.at("hall"), f"hall {hall!r} listed twice")
+            halls.append(HallTrustSources(hall, chain, tuple(h.p.base_dir / c for c in raw),
+                                          hall_crl))
+    if not certs and inventory is None and "certs" not in t.data and "hall" not in t.data:
+        t.p.add(t.path or "keys", "no keys: set certs (with ca_chain), [[keys.hall]] and/or "
+                                  "inventory")
+    return TrustSources(ca_chain, tuple(certs), crl, inventory, tuple(halls))
+
+
+def _nodes(b: _Table) -> tuple[tuple[str, int], ...]:
+    raw = b.data.get("nodes", [])
+    out = []
+    if not isinstance(raw, list):
+        b.p.add(b.at("nodes"), f"expected an array of \"host:port\", found {_found(raw)}")
+        return ()
+    for i, item in enumerate(raw):
+        host, sep, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            b.p.add(f"{b.at('nodes')}[{i}]", f"expected \"host:port\", found {_found(item)}")
+        else:
+            out.append((host, int(port)))
+    return tuple(out)
 
 
 def _halls(ops: _Table) -> tuple[str, ...]:
@@ -465,8 +531,9 @@ def _halls(ops: _Table) -> tuple[str, ...]:
     if value is _MISSING:
         ops.p.add(ops.at("halls"), "required key missing")
         return ()
-    if not isinstance(value, list) or not 1 <= len(value) <= 64:
-        ops.p.add(ops.at("halls"), f"expected an array of 1-64 hall ids, found {_found(value)}")
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_HALLS:
+        ops.p.add(ops.at("halls"), f"expected an array of 1-{MAX_HALLS} hall ids, "
+                                   f"found {_found(value)}")
         return ()
     halls = []
     for i, hall in enumerate(value):
@@ -513,19 +580,31 @@ def _alerts(top: _Table, p: _Problems) -> tuple[AlertRule, ...]:
 # -- the keys ----------------------------------------------------------------------------------
 def load_trust(trust: TrustSources, roles: tuple[str, ...] = ("kiosk",)) -> Inventory:
     """The keyring and expected kiosks of ``[keys]``: certificates of ``roles`` that chain to
-    the hall CA (and are not revoked), plus the plain inventory if one is given."""
+    the hall CA (and are not revoked), each ``[[keys.hall]]``'s under its own CA, plus the
+    plain inventory if one is given."""
     keyring = Keyring()
     kiosks: list[tuple[str, str]] = []
-    if trust.certs and trust.ca_chain is not None:
+    sources = [(None, trust.ca_chain, trust.certs, trust.crl)] if trust.certs else []
+    sources += [(h.hall, h.ca_chain, h.certs, h.crl) for h in trust.halls]
+    for only_hall, ca_chain, certs, crl in sources:
+        if ca_chain is None:
+            continue
         # Imported here: only a hall with a CA needs the X.509 side.
         from provisioning.trust import keyring_from_certs, load_pem_certs, subject_fields
 
-        keyring_from_certs(trust.ca_chain, trust.certs, trust.crl, roles=roles,
-                           keyring=keyring)
-        for source in trust.certs:
+        ring = keyring_from_certs(ca_chain, certs, crl, roles=roles)
+        for kid in ring:
+            entry = ring.get(kid)
+            if only_hall is not None and entry.hall != only_hall:
+                log.warning("%s: certificate of %r is for hall %r, not %r: left out",
+                            ca_chain, entry.owner, entry.hall, only_hall)
+                continue
+            keyring.add(entry.public_key, owner=entry.owner, roles=entry.roles, hall=entry.hall)
+        for source in certs:
             for cert in load_pem_certs(source):
                 owner, role, hall = subject_fields(cert)
-                trusted = any(keyring.get(kid).owner == owner for kid in keyring)
+                trusted = any(keyring.get(kid).owner == owner and keyring.get(kid).hall == hall
+                              for kid in keyring)
                 if role == "kiosk" and trusted and (hall, owner) not in kiosks:
                     kiosks.append((hall, owner))
     if trust.inventory is not None:

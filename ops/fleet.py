@@ -32,7 +32,7 @@ What is tracked per kiosk (hall, device):
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -48,8 +48,10 @@ MAX_MISSING: Final = 1024
 MAX_EXCUSED: Final = 256
 #: Kiosks tracked at most (an attacker with a valid key could otherwise invent ids).
 MAX_KIOSKS: Final = 4096
-#: Recent ticket uids remembered per kiosk to count re-sends once.
-RECENT_TICKETS: Final = 64
+#: Ranges of ticket serials remembered per kiosk (SerialSet): a kiosk's serials run
+#: consecutively, so one or two ranges is the normal case; beyond this (a kiosk with a valid
+#: key sending scattered serials) the lowest two ranges merge.
+MAX_SERIAL_RANGES: Final = 1024
 
 #: Event-name prefixes of conditions that have a matching ``<name>_cleared`` event.
 CONDITION_PREFIXES: Final = ("printer_",)
@@ -212,7 +214,7 @@ class _Kiosk:
     warnings: dict[str, dict[str, float]] = field(default_factory=dict)
     last_ticket_id: str | None = None
     last_ticket_mono: float | None = None
-    recent_tickets: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_TICKETS))
+    ticket_serials: SerialSet = field(default_factory=lambda: SerialSet())
     tickets: int = 0
     messages: dict[str, int] = field(default_factory=dict)
     lost: int = 0
@@ -225,6 +227,52 @@ class _Kiosk:
     highest: dict[str, int] = field(default_factory=dict)       # boot -> highest seq seen
     missing: dict[tuple[str, int], float] = field(default_factory=dict)
     excused: dict[tuple[str, int], None] = field(default_factory=dict)
+
+
+class SerialSet:
+    """The ticket serials seen from one kiosk, as sorted disjoint ranges [lo, hi].
+
+    A re-send is counted once however late it comes (a ticket_uid is "{device}:{serial}"
+    and a kiosk's serials only grow, across a lost store too: edge.store), in a few ints per
+    kiosk rather than a set of every uid. Exact, as the ledger's dedupe on ticket_uid is.
+    """
+
+    __slots__ = ("_lo", "_hi")
+
+    def __init__(self) -> None:
+        self._lo: list[int] = []
+        self._hi: list[int] = []
+
+    def add(self, n: int) -> bool:
+        """True when ``n`` is new (and is now remembered)."""
+        lo, hi = self._lo, self._hi
+        i = bisect.bisect_right(lo, n) - 1
+        if i >= 0 and n <= hi[i]:
+            return False
+        left = i >= 0 and hi[i] == n - 1
+        right = i + 1 < len(lo) and lo[i + 1] == n + 1
+        if left and right:
+            hi[i] = hi[i + 1]
+            del lo[i + 1], hi[i + 1]
+        elif left:
+            hi[i] = n
+        elif right:
+            lo[i + 1] = n
+        else:
+            lo.insert(i + 1, n)
+            hi.insert(i + 1, n)
+            if len(lo) > MAX_SERIAL_RANGES:
+                hi[0] = hi[1]
+                del lo[1], hi[1]
+        return True
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect.bisect_right(self._lo, n) - 1
+        return i >= 0 and n <= self._hi[i]
+
+    @property
+    def ranges(self) -> int:
+        return len(self._lo)
 
 
 def _hall_device(v: Verified) -> tuple[str, str]:
@@ -443,9 +491,8 @@ class Fleet:
     def _on_ticket(self, k: _Kiosk, v: Verified, now: float, changes: list[Change]) -> None:
         uid = v.body["ticket_uid"]
         k.last_ticket_mono = now
-        if uid in k.recent_tickets:
+        if not k.ticket_serials.add(int(uid.rpartition(":")[2])):
             return  # a re-send of a ticket already counted
-        k.recent_tickets.append(uid)
         k.tickets += 1
         k.last_ticket_id = v.body["ticket_id"]
         changes.append(Change(k.hall, k.device, "ticket", {"ticket_id": v.body["ticket_id"]}, now))

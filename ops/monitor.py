@@ -135,9 +135,13 @@ class Monitor:
                  tick_s: float = 1.0, keepalive_s: int = 30, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, session_expiry_s: int = 600,
                  tls: TlsSettings | None = None, alert_signer: Signer | None = None,
-                 link_factory: Callable[..., Any] = MqttLink) -> None:
+                 link_factory: Callable[..., Any] = MqttLink, protocol: str = "5",
+                 fallbacks: tuple[tuple[str, int], ...] = ()) -> None:
         if not halls:
             raise MonitorError("a monitor needs at least one hall")
+        if share_group and protocol != "5":
+            raise MonitorError(f"share_group needs MQTT 5 shared subscriptions; protocol "
+                               f"{protocol} has none (split the halls between instances)")
         if workers < 0:
             raise MonitorError("workers: 0 (verify on the link thread) or more threads")
         self.halls = tuple(halls)
@@ -182,7 +186,9 @@ class Monitor:
             on_message=self._on_message,
             keepalive_s=keepalive_s, subscriptions=subscriptions(self.halls, share_group),
             reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s,
-            session_expiry_s=session_expiry_s, tls=tls, name=f"{instance}-monitor")
+            session_expiry_s=session_expiry_s, tls=tls, name=f"{instance}-monitor",
+            **({} if protocol == "5" and not fallbacks else
+               {"protocol": protocol, "fallbacks": tuple(fallbacks)}))
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Monitor:

@@ -29,16 +29,53 @@ def test_bridge_conf_lists_every_node_and_directions():
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(400)
 def test_city_faults_lose_no_acknowledged_ticket(tmp_path):
     find_nats_server()
-    with CityRun(tmp_path / "city", halls=2, kiosks_per_hall=3) as run:
+    with CityRun(tmp_path / "city", halls=3, kiosks_per_hall=2, central_ops=2) as run:
         fig = run_faults(run, per_kiosk=2, cut_s=3.0)
     assert fig["acked"] == fig["tickets_issued"]
+    # Central ops (two `hallkiosk ops run` processes on the cluster, the halls split between
+    # them) saw every hall once, every kiosk online, and counted what the city ledger holds.
+    assert fig["central_instances"] == 2
+    assert fig["central_halls_watched_once"], fig
+    assert fig["central_kiosks_online"] == 6
+    # Never more than the city ledger (re-sends counted once, however late), and nothing
+    # missing but tickets of the window when the whole city tier restarted: NATS then may
+    # not reload a monitor's MQTT session ("loading session record ... timeout" in its log)
+    # and what was queued for it is gone (docs/city.md, "Not done yet").
+    for hall, (seen, rows) in fig["central_disagree"].items():
+        assert seen < rows, (hall, seen, rows)
+    missing = sum(rows - seen for seen, rows in fig["central_disagree"].values())
+    assert missing <= fig["tickets_during_cut"], fig["central_disagree"]
     assert fig["lost_hall"] == 0
     assert fig["lost_city"] == 0
     assert fig["tickets_in_city_ledger"] == fig["tickets_issued"]
     assert fig["rows_hall"] == fig["rows_city"] == fig["tickets_issued"]
     assert fig["duplicates_removed_city"] >= 6 and fig["duplicates_removed_hall"] >= 6
+
+
+def test_central_ops_config_splits_halls_and_speaks_311(tmp_path):
+    from city.central import render_central_ops_toml, split_halls
+    from ops.config import parse_ops_config
+    import tomllib
+
+    assert split_halls(["h1", "h2", "h3", "h4", "h5"], 2) == [["h1", "h3", "h5"], ["h2", "h4"]]
+    with pytest.raises(ValueError):
+        split_halls(["h1"], 2)
+    for name in ("chain.pem", "k.pem", "c.crt", "c.key"):
+        (tmp_path / name).write_text("x")
+    text = render_central_ops_toml(
+        instance="central-1", halls=["h1", "h3"], addresses=[("127.0.0.1", 1), ("127.0.0.1", 2)],
+        tls=TlsSettings(str(tmp_path / "chain.pem"), str(tmp_path / "c.crt"),
+                        str(tmp_path / "c.key")),
+        hall_trust={h: (tmp_path / "chain.pem", tmp_path / "k.pem") for h in ("h1", "h3")},
+        state_dir=tmp_path / "st", metrics_port=0)
+    cfg = parse_ops_config(tomllib.loads(text), source="central.toml", base_dir=tmp_path)
+    assert cfg.broker.protocol == "3.1.1"
+    assert cfg.broker.nodes == (("127.0.0.1", 2),)
+    assert [h.hall for h in cfg.trust.halls] == ["h1", "h3"]
+    assert not cfg.ledger.enabled
 
 
 @pytest.mark.e2e

@@ -24,7 +24,7 @@ from mqtt_topics.topics import ROLE_FOR_KIND, KioskTopics
 from ops.alerts import AlertEngine, AlertRule, AlertSink
 from ops.config import load_inventory, parse_ops_config
 from ops.dashboard import render, sort_by_trouble
-from ops.fleet import Fleet, Rejection
+from ops.fleet import MAX_SERIAL_RANGES, Fleet, Rejection, SerialSet
 
 HALL = "hall-1"
 
@@ -384,6 +384,39 @@ def test_last_ticket_and_resends_counted_once():
     snap = h.fleet.kiosk(HALL, "k1")
     assert (snap.tickets, snap.last_ticket_id) == (2, "A-01-0002")
     assert snap.messages == {"state": 1, "ticket": 3}
+
+
+def test_a_late_resend_is_counted_once_however_many_tickets_came_between():
+    # A re-send of a kiosk's first ticket after hundreds more (a kiosk that never got the
+    # ack, a city bridge delivering its queue late) is still the same ticket.
+    h = Harness()
+    k = h.kiosk("k1")
+    k.connect()
+    for serial in range(1, 301):
+        k.ticket(serial)
+    k.ticket(1)
+    k.ticket(150)
+    k.ticket(302)                      # 301 skipped: still new when it comes after 302
+    k.ticket(301)
+    assert h.fleet.kiosk(HALL, "k1").tickets == 302
+
+
+@given(st.lists(st.integers(1, 400), max_size=300))
+def test_serial_set_is_a_set(serials):
+    seen, ss = set(), SerialSet()
+    for n in serials:
+        assert ss.add(n) == (n not in seen)
+        seen.add(n)
+    assert all(n in ss for n in seen)
+    assert not any(n in ss for n in set(range(1, 401)) - seen)
+
+
+def test_serial_set_stays_bounded_against_scattered_serials():
+    ss = SerialSet()
+    for n in range(1, 4 * MAX_SERIAL_RANGES, 2):       # every other serial: no range merges
+        ss.add(n)
+    assert ss.ranges == MAX_SERIAL_RANGES
+    assert ss.add(4 * MAX_SERIAL_RANGES + 1)            # new ones are still told apart
 
 
 def test_cmd_result_is_kept():
