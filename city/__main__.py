@@ -20,12 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kiosks", type=int, default=4, help="kiosks per hall")
     ap.add_argument("--per-kiosk", type=int, default=3, help="tickets per kiosk per phase")
     ap.add_argument("--cut-s", type=float, default=20.0, help="how long the city is cut off")
+    ap.add_argument("--central", type=int, default=2,
+                    help="central `hallkiosk ops run` instances (halls split between them)")
     ap.add_argument("--out", type=Path, default=Path("city-out"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hallkiosk-city-") as work:
-        with CityRun(work, halls=args.halls, kiosks_per_hall=args.kiosks) as run:
+        with CityRun(work, halls=args.halls, kiosks_per_hall=args.kiosks,
+                     central_ops=min(args.central, args.halls)) as run:
             started_s = time.monotonic() - t0
             fig = run_faults(run, per_kiosk=args.per_kiosk, cut_s=args.cut_s)
     fig = {"halls": args.halls, "kiosks": args.halls * args.kiosks, "cut_s": args.cut_s,
