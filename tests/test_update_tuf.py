@@ -151,6 +151,43 @@ def test_root_and_timestamp_key_rotation_is_followed(rig):
     assert rig.refused().code == "bad_signature"
 
 
+def test_a_root_emptied_by_a_power_cut_falls_back_to_the_provisioned_one(rig):
+    # What the QEMU power-cut campaign found: ngclient renames its metadata into place
+    # without fsync, so after a cut the cached root can be an empty file on ext4.
+    rig.source().lookup("hallkiosk-0.2.0.tar")
+    (rig.kiosk_root / "tuf" / "root_history" / "1.root.json").write_bytes(b"")
+    rel = rig.source().fetch("hallkiosk-0.2.0.tar")
+    assert rel.version == "0.2.0"
+    cached = json.loads((rig.kiosk_root / "tuf" / "root.json").read_bytes())
+    assert cached["signed"]["version"] == 1
+
+
+def test_a_damaged_newest_root_falls_back_to_the_older_one_and_walks_forward(rig):
+    rig.source().lookup("hallkiosk-0.2.0.tar")
+    ts_keys = rig.repo.root().signed.roles["timestamp"].keyids
+    rig.repo.rotate("root")
+    rig.repo.rotate("timestamp", revoke=ts_keys)               # root v3
+    rig.source().lookup("hallkiosk-0.2.0.tar")
+    history = rig.kiosk_root / "tuf" / "root_history"
+    assert sorted(p.name for p in history.iterdir()) == [
+        "1.root.json", "2.root.json", "3.root.json"]
+    (history / "3.root.json").write_bytes(b'{"signed": ')     # half written
+    # The provisioned root must not be what it starts from: make it unusable too.
+    (rig.tmp / "provisioned-root.json").write_bytes(b"")
+    rig.source().lookup("hallkiosk-0.2.0.tar")                 # from 2.root, walks to 3
+    cached = json.loads((rig.kiosk_root / "tuf" / "root.json").read_bytes())
+    assert cached["signed"]["version"] == 3
+    assert cached["signed"]["roles"]["timestamp"]["keyids"] != ts_keys
+
+
+def test_every_trusted_root_unreadable_is_refused_not_crashed(rig):
+    rig.source().lookup("hallkiosk-0.2.0.tar")
+    (rig.kiosk_root / "tuf" / "root_history" / "1.root.json").write_bytes(b"")
+    (rig.tmp / "provisioned-root.json").write_bytes(b"not json")
+    err = rig.refused()
+    assert err.code == "repository" and "Deserialization" in err.detail
+
+
 def test_threshold_of_two_targets_keys(rig):
     rig.repo.rotate("targets", add=1, threshold=2)
     (rig.tmp / "b.tar").write_bytes(b"b" * 10)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,10 @@ def install(slots: Slots, slot: str, bundle: Path, sha256: str, *, python: str,
         raise UpdateRefused("install_failed", f"smoke test: version {r.stdout.strip()!r} "
                             f"(expected {meta['version']}) {r.stderr.strip()[-120:]}")
     marker = {"version": meta["version"], "sha256": sha256, "bundle": bundle.name}
+    # pip does not fsync what it writes: flush the slot to disk before the marker says it
+    # is complete, or a power cut can leave a marked slot with empty files (the boot guard
+    # would then roll it back, but only after max_trial_boots failed starts).
+    os.sync()
     write_json_atomic(dest / MARKER, marker)
     shutil.rmtree(staging, ignore_errors=True)
     crash_point("update.installed")

@@ -153,15 +153,50 @@ class ReleaseSource:
         self.trusted_root = Path(trusted_root)
         self.fetcher = HallFetcher(ca_file, timeout_s)
 
+    def _roots(self) -> Iterator[tuple[str, bytes | None]]:
+        """Trusted roots to start from, best first: the cache's own (None: ngclient reads
+        ``root.json``, a link to the newest verified root), each older verified root, and
+        the provisioned one. The provisioned root is the anchor only until the first
+        refresh: a rotation must not be undone by re-reading it while the cache is sound.
+
+        Why more than the first: ngclient (python-tuf 7.0.1, ``_persist_file``) writes
+        metadata with a temporary file and a rename but no fsync, so a power cut soon after
+        a refresh can leave ``root_history/N.root.json`` empty on ext4 (seen in the QEMU
+        power-cut campaign: every later refresh refused with "DeserializationError"). An
+        unreadable local file is not an attack from the network (whoever writes this disk
+        owns the kiosk); starting from the newest older root that still loads, ngclient
+        walks the repository's ``N+1.root.json`` chain, each signed by its predecessor.
+        """
+        if (self.meta_dir / "root.json").exists():
+            yield "cache", None
+        history = self.meta_dir / "root_history"
+        versions = sorted((int(p.name.split(".")[0]) for p in history.glob("*.root.json")
+                           if p.name.split(".")[0].isdigit()), reverse=True) \
+            if history.is_dir() else []
+        for v in versions:
+            try:
+                yield f"root_history/{v}.root.json", (history / f"{v}.root.json").read_bytes()
+            except OSError:
+                continue
+        yield "provisioned", self.trusted_root.read_bytes()
+
     def _updater(self) -> Updater:
         self.meta_dir.mkdir(parents=True, exist_ok=True)
-        cached = self.meta_dir / "root.json"
-        # The provisioned root is the anchor only until the first refresh; afterwards the
-        # cache holds the newest root the kiosk verified (a rotation must not be undone by
-        # re-reading the old provisioned file).
-        bootstrap = None if cached.exists() else self.trusted_root.read_bytes()
-        return Updater(str(self.meta_dir), f"{self.url}/metadata/", str(self.downloads),
-                       f"{self.url}/targets/", fetcher=self.fetcher, bootstrap=bootstrap)
+        first: Exception | None = None
+        for where, bootstrap in self._roots():
+            try:
+                up = Updater(str(self.meta_dir), f"{self.url}/metadata/", str(self.downloads),
+                             f"{self.url}/targets/", fetcher=self.fetcher, bootstrap=bootstrap)
+            except (tuf_errors.RepositoryError, OSError, ValueError) as exc:
+                # OSError: root.json links to a file that is gone.
+                first = first or exc
+                log.warning("update: trusted root from %s unusable (%s); trying the next",
+                            where, exc)
+                continue
+            if first is not None:
+                log.warning("update: starting from the trusted root in %s", where)
+            return up
+        raise first if first is not None else RuntimeError("no trusted root")
 
     def lookup(self, name: str) -> TargetFile:
         """Refresh the metadata (every TUF check) and return the signed info of ``name``."""
@@ -171,6 +206,10 @@ class ReleaseSource:
             info = up.get_targetinfo(name)
         except Exception as exc:  # python-tuf raises its own tree, urllib3's and OSError
             raise _refusal(exc) from exc
+        finally:
+            # What ngclient wrote reaches the disk now rather than when the kernel gets to
+            # it (see _roots): the window in which a cut can empty a file stays short.
+            os.sync()
         if info is None:
             raise UpdateRefused("unknown_target", f"{name} is not in the signed targets")
         return info
