@@ -2,14 +2,18 @@
 
 One VM, one persistent disk (the qcow2 overlay is kept between boots), the hall's mTLS
 broker and ledger, and the hall's TUF repository over HTTPS (a second guestfwd rule: the
-guest still reaches nothing but the host's loopback services). At the first boot the guest
+guest still reaches nothing but the host's loopback services), served at a hall Wi-Fi's
+pace (``--rate-kib-s``) so that cuts land in the download too. At the first boot the guest
 is converted to the A/B layout (``GUEST_SETUP``: slot a runs the installed 0.1.0, the unit
 gets deploy/systemd/hallkiosk-ab-slots.conf with its root moved to /opt/hallkiosk-ab).
-Then, ``--cuts`` times:
+
+First one update runs without a cut (the baseline): its phases (command to installed,
+switch, online from the new slot, committed) are timed, and unless ``--max-delay-s`` is
+given the cuts are drawn over that whole span. Then, ``--cuts`` times:
 
 1. a card tap gives a ticket, acknowledged by the ledger (an update never starts with a
    ticket unacknowledged);
-2. ops send the signed ``update`` command (alternately 0.2.0 and 0.3.0, to whichever slot is
+2. ops send the signed ``update`` command (alternately 0.3.0 and 0.2.0, to whichever slot is
    not running), or nothing when the previous update is still under way (it resumes by
    itself);
 3. after a random delay the QEMU process is killed (SIGKILL: a power cut); the update
@@ -68,6 +72,29 @@ systemctl restart hallkiosk
 """
 
 
+def throttled_handler(rate_bps: int):
+    """The repository's handler, sending bundles at ``rate_bps`` (metadata at full speed):
+    a 0.4 MB bundle over loopback arrives in milliseconds, a cut could never land in it."""
+    from provisioning.release import RepositoryHandler
+
+    class Throttled(RepositoryHandler):
+        def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
+            if "/targets/" not in self.path:
+                return super().copyfile(source, outputfile)
+            remaining = None if self._range is None else self._range[1] - self._range[0] + 1
+            block = max(1024, rate_bps // 8)
+            while remaining is None or remaining > 0:
+                data = source.read(block if remaining is None else min(block, remaining))
+                if not data:
+                    break
+                outputfile.write(data)
+                if remaining is not None:
+                    remaining -= len(data)
+                time.sleep(len(data) / rate_bps)
+
+    return Throttled
+
+
 class UpdateVM(QemuKiosk):
     """QemuKiosk plus the repository's port forwarded, and the update files on the seed."""
 
@@ -111,11 +138,56 @@ def _update_events(vm: QemuKiosk) -> list[str]:
             if m.verified.body["name"].startswith("update_")]
 
 
-def run(out: Path, *, cuts: int, seed: int, max_delay_s: float, boot_limit_s: float) -> dict:
+def _ticket(vm: QemuKiosk, consumer, printed: int, what: str) -> str:
+    """A card tap, its ticket printed and in the hall ledger; then the kiosk reads the ack."""
+    from emulator.idcard import Card
+
+    vm.tap(Card.valid())
+    if not vm.kiosk.printer.wait_for_tickets(printed, 60):
+        raise HarnessError(f"{what}: no ticket printed")
+    uid = vm.kiosk.printer.tickets[-1].qr_codes[0]
+    deadline = time.monotonic() + 60
+    while not consumer.ledger.lookup(uid):
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{what}: ticket {uid} not in the ledger")
+        time.sleep(0.2)
+    time.sleep(1.5)          # the kiosk reads the ack: outbox empty again
+    return uid
+
+
+def _baseline(vm: QemuKiosk, ops, target: str, timeout_s: float) -> dict:
+    """One update without a cut: seconds from the command to each phase."""
+    mark = vm.recorder.mark()
+    t0 = time.monotonic()
+    ops.send(vm.device_id, "update", {"target": f"hallkiosk-{target}.tar", "version": target},
+             ttl_s=120)
+    end = vm.recorder.wait(lambda m: m.verified is not None and m.kind == "event"
+                           and m.verified.body["name"] in ("update_committed",
+                                                           "update_rolled_back",
+                                                           "update_refused"),
+                           timeout_s, "the baseline update to end", since=mark)
+    if end.verified.body["name"] != "update_committed":
+        raise HarnessError(f"baseline update did not commit: {end.verified.body}")
+    phases: dict[str, float] = {}
+    with vm.recorder._cond:
+        seen = vm.recorder.messages[mark:]
+    for m in seen:
+        if m.verified is None:
+            continue
+        body = m.verified.body
+        if m.kind == "event" and body["name"].startswith("update_"):
+            phases.setdefault(body["name"][len("update_"):], round(m.at - t0, 1))
+        elif m.kind == "state" and body["status"] == "online" and "switching" in phases \
+                and body.get("agent_version") == target:
+            phases.setdefault("online_new_slot", round(m.at - t0, 1))
+    return phases
+
+
+def run(out: Path, *, cuts: int, seed: int, max_delay_s: float | None, boot_limit_s: float,
+        rate_kib_s: int = 32) -> dict:
     import shutil
 
     from edge.update.bundle import build_bundle
-    from emulator.idcard import Card
     from emulator.kiosk import EmulatedHall
     from provisioning.enroll import issue_broker
     from provisioning.opsclient import OpsClient
@@ -131,9 +203,10 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float, boot_limit_s: fl
     shutil.rmtree(out / "work", ignore_errors=True)
     work = out / "work"
     work.mkdir(parents=True)
-    report: dict = {"image": img.key, "seed": seed, "cuts": [], "max_delay_s": max_delay_s}
+    report: dict = {"image": img.key, "seed": seed, "cuts": [], "rate_kib_s": rate_kib_s}
     bundles = {v: build_bundle(work / f"hallkiosk-{v}.tar", [_wheel(work / "wheels", v)], v)
                for v in VERSIONS}
+    report["bundle_bytes"] = {v: b.stat().st_size for v, b in bundles.items()}
     with EmulatedHall(work / "hall") as hall:
         srv = work / "updates-tls"
         issue_broker(hall.pki.ca, srv, name="updates", ip_addresses=(GUEST_BROKER_HOST,))
@@ -142,7 +215,7 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float, boot_limit_s: fl
         for v, b in bundles.items():
             repo.add_target(b, name=f"hallkiosk-{v}.tar", custom={"version": v})
         server = RepositoryServer(work / "repo", srv / "broker.crt", srv / "broker.key",
-                                  port=0).start()
+                                  port=0, handler=throttled_handler(rate_kib_s * 1024)).start()
         consumer = hall.start_consumer()
         ops = OpsClient(ops_id="ops", hall=hall.hall_id, key=hall.pki["ops"].key,
                         keyring=hall.keyring, tls=hall.tls_for("ops"), host="127.0.0.1",
@@ -175,21 +248,18 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float, boot_limit_s: fl
             vm.recorder.wait(lambda m: m.verified is not None and m.kind == "state"
                              and m.verified.body.get("extra", {}).get("slot") == "a",
                              180, "online from slot a", since=0)
-            printed = 0
+            printed = 1
+            _ticket(vm, consumer, printed, "before the baseline")
+            report["baseline_s"] = base = _baseline(vm, ops, VERSIONS[0], 1200)
+            print(json.dumps({"baseline_s": base}), flush=True)
+            if max_delay_s is None:
+                max_delay_s = round(base["committed"] * 1.1, 1)
+            report["max_delay_s"] = max_delay_s
             target = None
             for i in range(cuts):
                 # 1. a ticket, acknowledged.
-                vm.tap(Card.valid())
                 printed += 1
-                if not printer.wait_for_tickets(printed, 60):
-                    raise HarnessError(f"cut {i}: no ticket printed")
-                uid = printer.tickets[-1].qr_codes[0]
-                deadline = time.monotonic() + 60
-                while not consumer.ledger.lookup(uid):
-                    if time.monotonic() > deadline:
-                        raise HarnessError(f"cut {i}: ticket {uid} not in the ledger")
-                    time.sleep(0.2)
-                time.sleep(1.5)          # the kiosk reads the ack: outbox empty again
+                _ticket(vm, consumer, printed, f"cut {i}")
                 # 2. the update command, unless one is under way.
                 st = _state(vm).get("extra", {})
                 version = _state(vm).get("agent_version")
@@ -208,6 +278,7 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float, boot_limit_s: fl
                 cut = {"i": i, "delay_s": round(delay, 1), "target": target,
                        "sent": not busy, "last_event": events[-1] if events else None,
                        "state_before": before.get("extra", {}).get("update_state"),
+                       "slot_before": before.get("extra", {}).get("slot"),
                        "version_before": before.get("agent_version")}
                 # 4. the boot from the same disk.
                 vm.boot(fresh=False)
@@ -225,11 +296,9 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float, boot_limit_s: fl
                              and m.verified.body["status"] == "online"
                              and m.verified.body.get("extra", {}).get("update_state")
                              in ("committed", "rolled_back", "failed", "idle"),
-                             600, "the last update settled")
-            vm.tap(Card.valid())
+                             1200, "the last update settled")
             printed += 1
-            if not printer.wait_for_tickets(printed, 60):
-                raise HarnessError("no ticket after the campaign")
+            _ticket(vm, consumer, printed, "after the campaign")
             uids = [t.qr_codes[0] for t in printer.tickets]
             deadline = time.monotonic() + 120
             while not all(consumer.ledger.lookup(u) for u in uids):
@@ -238,12 +307,20 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float, boot_limit_s: fl
                 time.sleep(0.5)
             missing = [u for u in uids if not consumer.ledger.lookup(u)]
             final = _state(vm)
+            by_state: dict[str, int] = {}
+            for c in report["cuts"]:
+                by_state[str(c["state_before"])] = by_state.get(str(c["state_before"]), 0) + 1
             report.update(tickets_printed=len(uids), tickets_in_ledger=len(uids) - len(missing),
                           tickets_lost=len(missing), distinct_tickets=len(set(uids)),
                           final_version=final.get("agent_version"),
                           final_slot=final.get("extra", {}).get("slot"),
                           final_update_state=final.get("extra", {}).get("update_state"),
                           boots_online=sum(1 for c in report["cuts"] if c["version_after"]),
+                          cuts_by_state=by_state,
+                          slot_changed_by_cut=sum(1 for c in report["cuts"]
+                                                  if c["slot_after"] != c["slot_before"]),
+                          online_after_cut_max_s=max((c["online_after_s"] for c in report["cuts"]),
+                                                     default=None),
                           update_events=sorted(set(_update_events(vm))))
         finally:
             if vm.running:
@@ -267,12 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("qemu-out/update"))
     p.add_argument("--cuts", type=int, default=20)
     p.add_argument("--seed", type=int, default=15)
-    p.add_argument("--max-delay-s", type=float, default=60.0)
+    p.add_argument("--max-delay-s", type=float, default=None,
+                   help="cut at most this long after the command (default: 1.1 x the "
+                        "baseline update's duration)")
+    p.add_argument("--rate-kib-s", type=int, default=32,
+                   help="the repository's bundle download rate (a hall Wi-Fi's pace)")
     p.add_argument("--boot-limit-s", type=float, default=180.0)
     args = p.parse_args(argv)
     report = run(args.out, cuts=args.cuts, seed=args.seed, max_delay_s=args.max_delay_s,
-                 boot_limit_s=args.boot_limit_s)
+                 boot_limit_s=args.boot_limit_s, rate_kib_s=args.rate_kib_s)
     ok = (len(report["cuts"]) == args.cuts and report.get("tickets_lost") == 0
+          and report.get("distinct_tickets") == report.get("tickets_printed")
           and report.get("boots_online") == args.cuts)
     print(json.dumps({k: v for k, v in report.items() if k != "cuts"}, indent=2, sort_keys=True))
     return 0 if ok else 1

@@ -180,6 +180,8 @@ def test_update_installs_switches_and_commits_keeping_the_old_slot(kiosk):
     st = kiosk.state()
     assert st["state"] == "installed" and kiosk.slots.active() == "a"
     assert kiosk.slots.version("b") == "0.2.0"
+    # -OO bytecode is in the new slot: the unit's agent never compiles at start.
+    assert list((kiosk.root / "slots" / "b").rglob("hallkiosk/__pycache__/cli.*.opt-2.pyc"))
     assert kiosk.step("switch") == 0
     assert os.readlink(kiosk.root / "current") == "slots/b"
     assert kiosk.state()["state"] == "trial"

@@ -97,13 +97,22 @@ def install(slots: Slots, slot: str, bundle: Path, sha256: str, *, python: str,
     pip = [sys.executable, "-m", "pip", "--python", str(slot_py), "install", "--no-index",
            "--disable-pip-version-check", "--no-cache-dir", "--no-compile",
            "--find-links", str(staging / "wheels")]
+    purelib = run([str(slot_py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
+    purelib_dir = purelib.stdout.strip()
+    if purelib.returncode or not purelib_dir:
+        raise UpdateRefused("install_failed", f"venv: {purelib.stderr.strip()[-200:]}")
     if shared_site is not None:
-        purelib = run([str(slot_py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
-        Path(purelib.stdout.strip(), "_hallkiosk_shared_site.pth").write_text(f"{shared_site}\n")
+        Path(purelib_dir, "_hallkiosk_shared_site.pth").write_text(f"{shared_site}\n")
         pip += ["--no-deps", "--ignore-installed"]
     r = run([*pip, meta["requirement"]])
     if r.returncode:
         raise UpdateRefused("install_failed", f"pip: {r.stderr.strip()[-200:]}")
+    # The unit runs -OO with PYTHONDONTWRITEBYTECODE (docs/unattended.md) and pip compiles
+    # at -O0 only: without this the new slot's agent would compile every module of the
+    # package at each start (seen under QEMU: a slot's start slowed past TimeoutStartSec).
+    r = run([str(slot_py), "-OO", "-m", "compileall", "-q", purelib_dir])
+    if r.returncode:
+        raise UpdateRefused("install_failed", f"compileall: {(r.stdout + r.stderr).strip()[-200:]}")
     crash_point("update.install_pip")
     r = run([str(slot_py), "-c", "import hallkiosk; print(hallkiosk.__version__)"],
             cwd=str(slots.root))
