@@ -61,6 +61,11 @@ log = logging.getLogger("hallkiosk.commands")
 
 OPS_ROLE: Final = "ops"
 DEFAULT_WINDOW_S: Final = 300
+#: Bounds of ``commands.window_s`` (docs/mqtt-contract.md section 3, check 5): a command
+#: older than an hour has no business running on an unattended kiosk, and the ops tools
+#: send theirs with a TTL of 60 s (opsclient) or 120 s (rollout).
+MIN_WINDOW_S: Final = 1
+MAX_WINDOW_S: Final = 3600
 DEFAULT_MAX_NONCES: Final = 1024
 #: Refusal codes and what they mean (also the documentation of cmd_result reasons).
 REFUSALS: Final = {
@@ -214,8 +219,8 @@ class CommandGate:
     """Decides, for one kiosk, whether a command payload is to be obeyed.
 
     ``keyring`` holds the ops keys (role ``role``); ``clock.wall()`` judges expiry;
-    ``window_s`` bounds how far ahead a command may expire (and so how long a nonce is
-    remembered). Thread-safe; ``check`` never raises.
+    ``window_s`` (1 to 3600 s) bounds how far ahead a command may expire (and so how long a
+    nonce is remembered). Thread-safe; ``check`` never raises.
     """
 
     def __init__(self, device_id: str, keyring: Keyring, clock: Clock,
@@ -224,12 +229,14 @@ class CommandGate:
                  nonce_file: Path | None = None) -> None:
         self.device_id = validate_id("device", device_id)
         self.hall = validate_id("hall", hall) if hall is not None else None
-        if not 1 <= window_s <= 24 * 3600:
-            raise ValueError("CommandGate: window_s must be within 1 s .. 24 h")
+        if isinstance(window_s, bool) or not MIN_WINDOW_S <= window_s <= MAX_WINDOW_S:
+            raise ValueError(f"CommandGate: window_s must be within {MIN_WINDOW_S} .. "
+                             f"{MAX_WINDOW_S} s, not {window_s!r}")
         self.keyring = keyring
         self.clock = clock
         self.window_ms = int(window_s * 1000)
-        self.role = role
+        # Never None: verify(require_role=None) would skip step 9 and obey any trusted key.
+        self.role = validate_id("role", role)
         self._nonces = NonceCache(max_nonces, nonce_file)
         self._lock = threading.Lock()
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from boards import (BOARD_NAMES, HARDWARE_PIN_FACTORIES, BoardProfile, load_board,
                     unknown_board_message)
+from edge.commands import DEFAULT_WINDOW_S, MAX_WINDOW_S, MIN_WINDOW_S
 from hallkiosk.errors import ConfigError
 
 __all__ = [
@@ -567,7 +568,8 @@ class _Validator:
         clock = top.table("clock", ("trust",)).choice("trust", "kernel", CLOCK_TRUST)
         unattended = self._unattended(top.table("unattended", _UNATTENDED_KEYS), broker)
         tls = self._tls(top, top.table("tls", _TLS_KEYS))
-        window = top.table("commands", ("window_s",)).seconds("window_s", 300.0, 1, 3600)
+        window = top.table("commands", ("window_s",)).seconds(
+            "window_s", float(DEFAULT_WINDOW_S), MIN_WINDOW_S, MAX_WINDOW_S)
         camera = self._camera(devices.table("camera", ("enabled", "camera_num", "fps",
                                                        "repeat_window_s", "settle_s")))
         scanner = self._scanner(devices.table("qr_scanner", ("port", "baudrate", "terminator",

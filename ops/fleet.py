@@ -275,6 +275,16 @@ class SerialSet:
         return len(self._lo)
 
 
+def _require_role_checked(v: Verified, where: str) -> None:
+    """The fleet only takes fully verified messages: ``verify(..., require_role=None)`` (a
+    display-only opt-out, docs/mqtt-contract.md section 7 step 9) would let any trusted key,
+    a consumer's or an ops console's, speak for a kiosk. A caller mistake: raise at once."""
+    if not v.role_checked:
+        raise ContractError(f"Fleet.{where}: {v.msg_type} on {v.topic} was verified without "
+                            f"its role check (require_role=None); verify it with the role "
+                            f"of its kind")
+
+
 def _hall_device(v: Verified) -> tuple[str, str]:
     if v.hall and v.device:
         return v.hall, v.device
@@ -339,7 +349,11 @@ class Fleet:
     # -- verified messages ---------------------------------------------------------------------
     def apply(self, v: Verified, *, retained: bool = False) -> list[Change]:
         """Fold one verified message in. ``retained``: a retained copy the broker re-sent on
-        subscribe (it proves nothing about the kiosk being alive now)."""
+        subscribe (it proves nothing about the kiosk being alive now).
+
+        Raises ContractError for a message verified without its role check
+        (``role_checked`` False): the fleet never calls such a message verified."""
+        _require_role_checked(v, "apply")
         now = self.clock.monotonic()
         hall, device = _hall_device(v)
         changes: list[Change] = []
@@ -380,7 +394,9 @@ class Fleet:
         monitor publishes into no subscription of the monitor's, and the kiosk re-sends only
         what the ledger has not acknowledged. The ledger is the hall's record, so the
         dashboard counts what it holds. Nothing else is taken from it: liveness and sequence
-        accounting stay the monitor's own view."""
+        accounting stay the monitor's own view. Raises ContractError, as ``apply`` does, for
+        a message verified without its role check."""
+        _require_role_checked(v, "ledger_ticket")
         hall, device = _hall_device(v)
         changes: list[Change] = []
         k = self._kiosk(hall, device, create=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -12,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.clock import ManualClock
-from edge.commands import REFUSALS, Command, CommandGate, NonceCache, Refusal
+from edge.commands import (MAX_WINDOW_S, MIN_WINDOW_S, REFUSALS, Command, CommandGate,
+                           NonceCache, Refusal)
 from hallkiosk.errors import ContractError
 from mqtt_topics.envelope import Signer, canonical_bytes, canonical_json, key_id, verify
 from mqtt_topics.schemas import validate_body
@@ -22,6 +24,7 @@ from provisioning.opsclient import build_command
 from provisioning.trust import apply_crl, keyring_from_certs
 
 HALL = "hall-9"
+ROOT = Path(__file__).resolve().parents[1]
 BOOT = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
@@ -284,6 +287,27 @@ def test_constructor_rejects_bad_arguments(env):
         CommandGate("k1", keyring, clock, window_s=0)
     with pytest.raises(ValueError):
         NonceCache(0)
+    # A gate without a role would verify with require_role=None: any trusted key obeyed.
+    with pytest.raises(ContractError, match="role"):
+        CommandGate("k1", keyring, clock, role=None)
+
+
+def test_window_is_one_hour_at_most(env):
+    """Issue 16: one maximum command expiry (3600 s) in the gate, the config and the docs."""
+    mats, clock, keyring, ops, _ = env
+    gate = CommandGate("k1", keyring, clock, window_s=MAX_WINDOW_S, hall=HALL)
+    topic, payload, _ = cmd(ops, clock, ttl_s=3600)
+    assert isinstance(gate.check(payload, topic), Command)
+    topic, payload, _ = cmd(ops, clock, ttl_s=3600.001)
+    refused(gate.check(payload, topic), "too_far_future")
+    for too_long in (MAX_WINDOW_S + 1, 24 * 3600):
+        with pytest.raises(ValueError, match="3600"):
+            CommandGate("k1", keyring, clock, window_s=too_long)
+    contract = (ROOT / "docs" / "mqtt-contract.md").read_text("utf-8")
+    assert f"`commands.window_s`, {MIN_WINDOW_S} to {MAX_WINDOW_S} s)" in contract
+    assert "24 h" not in contract
+    example = (ROOT / "docs" / "agent.example.toml").read_text("utf-8")
+    assert f"window_s = 300               # {MIN_WINDOW_S}-{MAX_WINDOW_S}:" in example
 
 
 # -- fuzzing ------------------------------------------------------------------------------

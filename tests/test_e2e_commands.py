@@ -3,6 +3,7 @@ forged, replayed, expired and misaddressed ones are refused with a reason and an
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -151,3 +152,69 @@ def test_commands_that_break_the_sequence_rules_are_refused_across_a_restart(hal
     # A new boot above everything is a legitimate restart of ops: obeyed.
     ops.link.publish(topic, sealed(ahead + 1, "cd" * 16, "newboot-nonce-00002"), qos=1)
     assert _statuses(ops.wait_result("newboot-nonce-00002", count=2)) == ["accepted", "done"]
+
+
+def test_malformed_commands_are_refused_and_the_next_valid_one_runs(hall, ops):
+    """Issue 16: the kiosk answers every message on its cmd topic over the real broker,
+    malformed ones included (docs/mqtt-contract.md section 3): text that is not JSON, and an
+    envelope signed by the hall's ops key whose body breaks the cmd schema, are each
+    answered ``refused`` with code ``malformed`` (reason ``malformed: ...``, no command
+    named) and a ``command_refused`` event; neither moves the ops sender's sequence state,
+    so the next valid command, with a lower seq, is obeyed."""
+    from mqtt_topics.envelope import canonical_bytes, canonical_json
+    from mqtt_topics.schemas import MAX_SAFE_INT as MAX_SEQ
+    rec = Recorder(hall, f"hall/{hall.hall_id}/#")
+    kiosk = hall.add_kiosk("c4", services=(("A", "Citizen card", "A"),))
+    kiosk.start_agent()
+    wait_for(lambda: _last_state(rec)["status"] == "online", what="online")
+    topic = f"hall/{hall.hall_id}/kiosk/c4/cmd"
+
+    def refused_malformed(predicate) -> dict:
+        got = ops.wait_unattributed(lambda v: v.sender == "c4" and predicate(v.body))
+        assert got is not None, "no refusal"
+        body = got.body
+        assert (body["status"], body["cmd_seq"], body["nonce"]) == ("refused", None, None)
+        assert body["detail"]["code"] == "malformed"
+        assert body["reason"].startswith("malformed: ")
+        return body
+
+    # 1. Not JSON: nothing to claim, so the answer carries no claimed_* at all.
+    ops.publish_raw(topic, b"{not json")
+    body = refused_malformed(lambda b: b["detail"].get("code") == "malformed"
+                             and "claimed_nonce" not in b["detail"])
+    assert "not JSON" in body["reason"]
+    assert set(body["detail"]) == {"code"}
+
+    # 2. Authentic (the hall's ops key, signed for this topic) but the body breaks the cmd
+    #    schema: an unknown member. Sealed by hand, since Signer.seal refuses such a body.
+    #    Its seq is the highest there is: were it tracked, the valid command below (the ops
+    #    client's own counter, same boot) would be refused as replayed.
+    nonce = "schema-nonce-000001"
+    env = {"v": 1, "type": "cmd", "sender": "ops", "boot": ops.signer.boot_id,
+           "seq": MAX_SEQ, "ts_ms": int(hall_clock_ms()), "kid": ops.signer.kid,
+           "body": {"name": "restart", "args": {}, "target": "c4", "nonce": nonce,
+                    "expires_at_ms": int(hall_clock_ms() + 60_000), "force": True}}
+    sig = hall.pki["ops"].key.sign(canonical_bytes(topic, env))
+    env["sig"] = base64.urlsafe_b64encode(sig).rstrip(b"=").decode("ascii")
+    ops.publish_raw(topic, canonical_json(env))
+    body = refused_malformed(lambda b: b["detail"].get("claimed_nonce") == nonce)
+    assert "force" in body["reason"]
+    assert (body["detail"]["claimed_seq"], body["detail"]["claimed_sender"]) == (MAX_SEQ, "ops")
+    assert ops.results(nonce) == []                         # never named: nothing obeyed
+
+    # Each refusal also made a command_refused event with the code.
+    def refused_events() -> list[dict]:
+        return [json.loads(m.payload)["body"]["detail"] for m in rec.of_kind("/event")
+                if json.loads(m.payload)["body"]["name"] == "command_refused"]
+
+    wait_for(lambda: [e["code"] for e in refused_events()].count("malformed") >= 2,
+             what="two command_refused events")
+    assert any(e.get("nonce") == nonce for e in refused_events())
+
+    # 3. The next valid command (a lower seq from the ops client's own counter) runs.
+    _, payload, nonce = ops.send("c4", "diagnostics")
+    assert json.loads(payload)["seq"] < MAX_SEQ
+    done = ops.wait_result(nonce, count=2)
+    assert _statuses(done) == ["accepted", "done"]
+    assert done[-1].body["detail"]["mode"] == "online"
+    assert kiosk.agent is not None and not kiosk.agent._stopping.is_set()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from edge.clock import ManualClock
 from hallkiosk import errors
-from hallkiosk.errors import ContractError, ReplayError, SignatureError
+from hallkiosk.errors import ContractError, ReplayError, RoleError, SignatureError
 from mqtt_topics import (
     MAX_PAYLOAD,
     HallTopics,
@@ -256,6 +256,22 @@ def test_hall_round_trip(keyring, msg_type):
     assert got.sender == sender and got.body == body and got.seq_status == "unchecked"
     with pytest.raises(SignatureError, match="lacks role 'kiosk'"):
         verify(payload, T7.topic(msg_type), keyring, require_role="kiosk")
+
+
+def test_role_opt_out_says_role_not_checked(keyring):
+    """Section 7 step 9: ``require_role=None`` is the display-only opt-out; the result says
+    ``role_checked=False``. Every way that checks a role says True."""
+    payload = _signer(KOP, "ops-1").seal(T7.cmd, "cmd", HALL_BODIES["cmd"][2])
+    shown = verify(payload, T7.cmd, keyring, require_role=None)
+    assert shown.role_checked is False and shown.sender == "ops-1"
+    assert verify(payload, T7.cmd, keyring).role_checked is True               # by topic
+    assert verify(payload, T7.cmd, keyring, require_role="ops").role_checked is True
+    # The opt-out lets a key of the wrong role through (which is why it must not be shown
+    # as verified): a kiosk key signing a command.
+    forged = _signer(K8, "kiosk-08").seal(T7.cmd, "cmd", HALL_BODIES["cmd"][2])
+    with pytest.raises(RoleError, match="lacks role 'ops'"):
+        verify(forged, T7.cmd, keyring)
+    assert verify(forged, T7.cmd, keyring, require_role=None).role_checked is False
 
 
 def test_seal_accepts_tuples_and_copies_body(keyring):

@@ -310,6 +310,28 @@ def test_bad_signature_replay_and_malformed_are_counted_on_the_topic_kiosk():
     assert h.fleet.unattributed == {HALL: 1}
 
 
+def test_a_message_verified_without_its_role_is_refused():
+    """Issue 16: verify(require_role=None) skips step 9, so a consumer's (or any trusted
+    service's) key could speak for a 'kiosk' named like itself; the fleet refuses such a
+    Verified instead of showing the kiosk as verified."""
+    h = Harness()
+    key = Ed25519PrivateKey.generate()
+    h.keyring.add(key.public_key(), owner="k9", roles=("consumer",))
+    topic = KioskTopics(HALL, "k9").telemetry
+    payload = Signer(key, sender="k9", boot_id=secrets.token_hex(16), next_seq=lambda: 1,
+                     clock=h.clock).seal(topic, "telemetry", {"uptime_s": 1})
+    unchecked = verify(payload, topic, h.keyring, require_role=None)
+    assert unchecked.role_checked is False
+    with pytest.raises(ContractError, match="without its role check"):
+        h.fleet.apply(unchecked)
+    with pytest.raises(ContractError, match="without its role check"):
+        h.fleet.ledger_ticket(unchecked)
+    assert (HALL, "k9") not in h.fleet and h.fleet.snapshot() == []
+    # Verified the way the monitor does, it is a refusal, and still no kiosk appears.
+    assert h.deliver(topic, payload) == [] and h.fleet.unattributed == {HALL: 1}
+    assert (HALL, "k9") not in h.fleet
+
+
 def test_rejection_from_an_unparsable_topic():
     r = Rejection.from_error("not/a/kiosk/topic", ContractError("x"))
     assert r.hall is None and r.reason == "malformed"

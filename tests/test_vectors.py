@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,93 @@ def test_every_step_of_section_7_has_a_vector():
     assert steps == set(range(1, 12))                 # 12, the sequence rules: below
     assert any(m["expect"] == "ReplayError" for s in VECTORS["sequences"]
                for m in s["messages"])
+
+
+def test_every_signed_member_changed_after_signing_fails_at_step_6():
+    """Issue 16: a change of any signed envelope member that keeps it well formed (step 4)
+    and its key known (step 5) is a bad signature (step 6), whatever a later step would say
+    of the new value: the same authentic ticket with exactly one member changed."""
+    ticket = VECTORS["positive"][0]                  # the ticket the tampering starts from
+    authentic = json.loads(ticket["payload"])
+    changed = set()
+    for v in VECTORS["negative"]:
+        if v["step"] != 6 or v["topic"] != ticket["topic"] or "payload" not in v:
+            continue
+        env = json.loads(v["payload"])
+        diff = {k for k in authentic if env.get(k) != authentic[k]}
+        if len(diff) == 1 and env.keys() == authentic.keys():
+            assert v["error"] == "SignatureError", v["name"]
+            assert v["message"] == "bad signature or wrong topic", v["name"]
+            changed |= diff
+    assert changed == {"type", "sender", "boot", "seq", "ts_ms", "kid", "body", "sig"}
+    flipped = next(v for v in VECTORS["negative"] if "bit flipped" in v["name"])
+    sig = json.loads(flipped["payload"])["sig"]
+    assert len(sig) == 86 and sig[-1] == authentic["sig"][-1]   # still a canonical spelling
+    assert sum(a != b for a, b in zip(sig, authentic["sig"])) == 1
+    swapped = next(v for v in VECTORS["negative"] if "kid swapped" in v["name"])
+    kid = json.loads(swapped["payload"])["kid"]
+    owner = next(k for k in KEYS.values() if k["kid"] == kid)
+    assert owner["roles"] == ["kiosk"] and owner["owner"] != authentic["sender"]
+    assert any(n for n in VECTORS["keyring"] if KEYS[n]["kid"] == kid)        # trusted
+
+
+def test_step_9_vectors_cover_every_role():
+    """A key without the role of the kind, for each of the four roles: a service key on
+    a kiosk kind among them (a topic named after the service passes steps 7 and 8)."""
+    roles = {}
+    for v in VECTORS["negative"]:
+        if v["step"] == 9:
+            env = json.loads(v["payload"])
+            signer = next(k for k in KEYS.values() if k["kid"] == env["kid"])
+            wanted = v["message"].split("'")[1]
+            assert wanted not in signer["roles"], v["name"]
+            roles.setdefault(wanted, set()).update(signer["roles"])
+    assert set(roles) == {"kiosk", "consumer", "ops", "monitor"}
+    assert roles["kiosk"] >= {"monitor", "ops"}
+
+
+def _alert_id_rule_broken(alert_id: str, body: dict[str, Any], topic: str) -> str:
+    """Which rule of section 9's alert_id an id breaks, judged here from the contract's
+    words (not by the package): the first one found."""
+    _, hall, _, device, _ = topic.split("/")
+    if len(alert_id) > 128:
+        return "length"
+    parts = alert_id.split(":")
+    ident = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,31}")
+    if len(parts) != 4 or not all(ident.fullmatch(p) for p in parts[:3]) \
+            or not parts[3].isdigit() or not parts[3].isascii():
+        return "shape"
+    if parts[3] != str(int(parts[3])):
+        return "leading zero"
+    if parts[0] != body["rule"]:
+        return "rule"
+    if parts[1] != hall:
+        return "hall"
+    if parts[2] != device:
+        return "device, body.device right" if body["device"] == device else "device"
+    if int(parts[3]) != body["since_ms"] // 1000:
+        return "second"
+    return "none"
+
+
+def test_every_alert_id_rule_has_a_vector():
+    """The contract says the vectors hold every alert_id rule (section 11): each one broken
+    alone, by an alert that is otherwise valid and signed by the monitor."""
+    broken = set()
+    for v in VECTORS["negative"]:
+        if v["step"] != 11 or v["message"] != "alert_id":
+            continue
+        env = json.loads(v["payload"])
+        if env["type"] == "alert":
+            broken.add(_alert_id_rule_broken(env["body"]["alert_id"], env["body"], v["topic"]))
+    assert broken == {"length", "shape", "leading zero", "rule", "hall",
+                      "device, body.device right", "second"}
+
+
+def test_the_contract_states_how_many_vectors_there_are():
+    doc = (ROOT / "docs" / "mqtt-contract.md").read_text("utf-8")
+    assert f"`negative`: {len(VECTORS['negative'])} payloads" in doc
+    assert f"and {len(VECTORS['commands']['steps'])} payloads on its cmd topic" in doc
 
 
 @pytest.mark.parametrize("vec", VECTORS["positive"], ids=lambda v: v["name"])

@@ -106,6 +106,12 @@ ALERT = {"alert_id": f"paper_out:{HALL}:kiosk-07:1795000000", "rule": "paper_out
          "value": None, "since_ms": 1795000000500, "message": "printer out of paper"}
 
 
+# Ids are at most 32 characters, so a well-shaped alert_id is at most 3 x 32 + 16 digits + 3
+# colons = 115 characters: one of 129 is refused however its parts look.
+_ALERT_ID_HEAD = f"paper_out:{HALL}:kiosk-07:1795000000:"
+ALERT_ID_129 = _ALERT_ID_HEAD + "x" * (129 - len(_ALERT_ID_HEAD))
+
+
 def cmd_body(nonce: str, *, device: str = "kiosk-07", expires_in_ms: int = 60_000,
              name: str = "reboot") -> dict[str, Any]:
     return {"name": name, "args": {}, "target": device, "nonce": nonce,
@@ -276,6 +282,30 @@ def negatives() -> list[dict[str, Any]]:
                   "SignatureError", "bad signature or wrong topic"))
     n.append(_neg("seq changed after signing", 6, t, text(_with(tk, seq=43)),
                   "SignatureError", "bad signature or wrong topic"))
+    # Every member but sig is signed, ts_ms included (never checked, but not changeable);
+    # each change below keeps the member well formed (step 4) and its kid known (step 5).
+    n.append(_neg("ts_ms changed after signing", 6, t, text(_with(tk, ts_ms=tk["ts_ms"] + 1)),
+                  "SignatureError", "bad signature or wrong topic"))
+    n.append(_neg("boot changed after signing", 6, t, text(_with(tk, boot=BOOT2)),
+                  "SignatureError", "bad signature or wrong topic"))
+    # Another trusted sender's id: the signature fails (step 6) before the key's owner is
+    # compared with the sender (step 7).
+    n.append(_neg("sender changed after signing", 6, t, text(_with(tk, sender="kiosk-08")),
+                  "SignatureError", "bad signature or wrong topic"))
+    # A valid type of another kind: the signature fails (step 6) before the type is
+    # compared with the topic (step 10).
+    n.append(_neg("type changed after signing", 6, t, text(_with(tk, type="event")),
+                  "SignatureError", "bad signature or wrong topic"))
+    # kiosk-08's key is trusted with the same role: the signature fails (step 6) before the
+    # key's owner is compared with the sender (step 7).
+    n.append(_neg("kid swapped to another trusted key of the same role", 6, t,
+                  text(_with(tk, kid=_kid("kiosk-08"))),
+                  "SignatureError", "bad signature or wrong topic"))
+    raw_sig = bytearray(base64.urlsafe_b64decode(sig + "=="))
+    raw_sig[10] ^= 0x01          # byte 10: characters 13-14, far from the last one's spare bits
+    n.append(_neg("one signature bit flipped (still canonical base64url)", 6, t,
+                  text(_with(tk, sig=_b64(bytes(raw_sig)))),
+                  "SignatureError", "bad signature or wrong topic"))
     n.append(_neg("signature over non-canonical text", 6, t,
                   text(_with(tk, sig=_b64(_private("kiosk-07").sign(
                       b"hallkiosk/1\n" + t.encode() + b"\n"
@@ -318,6 +348,18 @@ def negatives() -> list[dict[str, Any]]:
     n.append(_neg("a consumer key raising an alert", 9, tal,
                   text(sealed("consumer-1", tal, envelope("consumer-1", "alert", ALERT, seq=5))),
                   "RoleError", "lacks role 'monitor'"))
+    # A service key on a kiosk kind: service ids share the namespace of device ids
+    # (section 1), so a topic named after the service passes steps 7 and 8; only its role
+    # keeps it from speaking as a kiosk.
+    for name, signer, kind, body in (
+            ("a monitor key publishing a kiosk event on a topic of its own name", "monitor-1",
+             "event", EVENT),
+            ("an ops key publishing a command result on a topic of its own name", "ops-1",
+             "cmd_result", CMD_RESULT)):
+        own = topic(kind, signer)
+        n.append(_neg(name, 9, own, text(sealed(signer, own, envelope(signer, kind, body,
+                                                                       seq=5))),
+                      "RoleError", "lacks role 'kiosk'"))
     # step 10: the type of the topic's kind
     n.append(_neg("an event body typed event on the ticket topic", 10, t,
                   _resigned("kiosk-07", t, tk, type="event", body=EVENT),
@@ -387,7 +429,11 @@ def negatives() -> list[dict[str, Any]]:
             ("alert_id of another rule", dict(ALERT, alert_id=f"offline:{HALL}:kiosk-07:"
                                                               "1795000000")),
             ("alert_id of another hall", dict(ALERT, alert_id="paper_out:hall-02:kiosk-07:"
-                                                              "1795000000"))):
+                                                              "1795000000")),
+            ("alert_id of another device (body.device is the topic's)",
+             dict(ALERT, alert_id=f"paper_out:{HALL}:kiosk-08:1795000000")),
+            ("alert_id without its second", dict(ALERT, alert_id=f"paper_out:{HALL}:kiosk-07")),
+            ("alert_id of 129 characters", dict(ALERT, alert_id=ALERT_ID_129))):
         n.append(_neg(name, 11, tal, _resigned("monitor-1", tal, al, body=body),
                       "ContractError", "alert_id"))
     n.append(_neg("alert about another device", 11, tal,
