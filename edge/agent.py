@@ -404,7 +404,7 @@ class Agent:
         self.publisher.flush_events()
         if not self._memory_released:
             # Start-up is over once the first connection is made and its birth sent: hand
-            # its garbage back (edge.footprint; the agent's resident budget is 30 MB).
+            # its garbage back (edge.footprint; make bench reports the idle RSS after it).
             self._memory_released = True
             release_startup_memory()
 

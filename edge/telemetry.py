@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -399,16 +400,6 @@ class TelemetrySchedule:
 HealthProbe = Callable[[], Mapping[str, Any]]
 
 
-def _which(name: str) -> str | None:
-    """The executable ``name`` on PATH, or None (shutil.which without importing shutil,
-    whose bz2/lzma imports cost the agent resident memory)."""
-    for folder in os.get_exec_path():
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
 class TelemetryBuilder:
     """Assembles the contract's telemetry body from the collectors and the agent's figures.
 
@@ -439,7 +430,7 @@ class TelemetryBuilder:
         self._run = run
         self._statvfs = statvfs
         if vcgencmd is None and find_vcgencmd:
-            vcgencmd = _which("vcgencmd")
+            vcgencmd = shutil.which("vcgencmd")
         self._vcgencmd = vcgencmd
         self._throttle_every_s = throttle_every_s
         self._throttle: dict[str, int | bool] | None = None

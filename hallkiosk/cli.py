@@ -51,7 +51,13 @@ def _bench(args: argparse.Namespace) -> int:
 
     from emulator.bench import run_bench
 
-    return run_bench(Path(args.out), tickets=args.tickets)
+    return run_bench(Path(args.out), tickets=args.tickets, ops_procs=args.ops_procs)
+
+
+def _proc_counts(text: str) -> tuple[int, ...]:
+    from emulator.bench_ops import parse_proc_counts   # only when the option is given
+
+    return parse_proc_counts(text)
 
 
 def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
@@ -83,6 +89,9 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="all benchmarks: ticket path, QR pipeline, ops ingest")
     b.add_argument("--out", default="bench-out")
     b.add_argument("--tickets", type=int, default=200)
+    b.add_argument("--ops-procs", type=_proc_counts, default=(1, 2), metavar="N,N",
+                   help="monitor process counts for the ops ingest bench (default 1,2; "
+                        "1 is always run)")
     b.set_defaults(func=_bench)
 
     if not tools:

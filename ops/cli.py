@@ -70,10 +70,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b = osub.add_parser("bench", help="verified messages/s vs the raw Ed25519 verify rate")
     b.add_argument("--out", default="bench-out")
     b.add_argument("--messages", type=int, default=20000)
+    b.add_argument("--procs", type=_proc_counts, default=(1, 2), metavar="N,N",
+                   help="monitor process counts to measure (default 1,2; 1 is always run)")
     b.add_argument("--log-level", default="warning",
                    choices=("debug", "info", "warning", "error"))
     ops.set_defaults(func=cmd_ops)
     return ops
+
+
+def _proc_counts(text: str) -> tuple[int, ...]:
+    from emulator.bench_ops import parse_proc_counts   # only when the option is given
+
+    return parse_proc_counts(text)
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
@@ -83,7 +91,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
         from emulator.bench_ops import run_ops_bench
 
         setup_logging(args.log_level)
-        figures = run_ops_bench(Path(args.out), messages=args.messages)
+        figures = run_ops_bench(Path(args.out), messages=args.messages, procs=args.procs)
         print(json.dumps(figures, indent=2))
         return 0
 

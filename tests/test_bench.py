@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+
+import pytest
+
 from emulator.bench import summary
 from emulator.bench_mqttio import MQTTIO_VERSION, mqttio_config, parse_kib_fields, side_by_side
 
@@ -43,16 +47,76 @@ def test_mqttio_config_names_every_pin_and_port():
     assert "    pin: 26\n" in cfg and '    device: "/d/reader"\n' in cfg
 
 
+def _stage(per_s, per_process, unverified=(0,), rejected=(0,), reasons=None):
+    return {"per_s": per_s, "per_process_per_s": per_process, "runs_unverified": list(unverified),
+            "runs_rejected": list(rejected), "rejected": reasons or {"signature": 0}}
+
+
 def test_summary_lines():
     figures = {"idle_memory_kib": {"hallkiosk_agent": {"VmRSS": 30720}, "mqtt_io": None,
                                    "note": "mqtt-io not measured: x"},
-               "ops_ingest": {"cpus": 2, "one_process": {"per_s": 5000},
-                              "two_processes": {"per_s": 7000, "seconds": 2.0,
-                                                "per_process": [7000, 7000]},
-                              "two_vs_one_process": 1.4},
+               "ops_ingest": {"cpus": 2, "repeats": 3, "city_load_per_s": 2000,
+                              "one_process_vs_city_load": 2.5,
+                              "one_process_2_workers": _stage(4000, [4000]),
+                              "processes": {"1": _stage(5000, [5000]),
+                                            "2": _stage(7000, [3600, 3500])},
+                              "scaling_vs_one_process": {"2": 1.4}},
                "tap_to_ticket_ms": {"p50": 160.0, "p99": 310.0, "n": 200,
                                     "poll_interval_ms": 300.0}}
     text = summary(figures)
-    assert "1 process 5,000" in text and "per process [3500, 3500]" in text
-    assert "2.5x" in text and "p99 310.0 ms" in text
-    assert "(mqtt-io not measured: x)" in text
+    assert "  1 process: 5,000 (per process 5,000)\n" in text
+    assert "  2 processes: 7,000 (per process 3,600, 3,500); scaling 1.4x" in text
+    assert "city's load (2,000 msg/s): 2.5x\n" in text and "WARNING" not in text
+    assert "p99 310.0 ms" in text and "(mqtt-io not measured: x)" in text
+
+
+def test_summary_flags_a_stage_that_lost_or_rejected_messages():
+    ops = {"cpus": 4, "repeats": 2, "city_load_per_s": 2000, "one_process_vs_city_load": 0.9,
+           "one_process_2_workers": _stage(1900, [1900]),
+           "processes": {"1": _stage(1800, [1800]),
+                         "4": _stage(6000, [1500, 1500, None, 1600], unverified=(0, 12),
+                                     rejected=(0, 3), reasons={"signature": 0, "replay": 3})},
+           "scaling_vs_one_process": {"4": 3.3}}
+    text = summary({"ops_ingest": ops})
+    assert "per process 1,500, 1,500, -, 1,600" in text
+    assert "2,000 msg/s): 0.9x (does NOT clear it)" in text
+    warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("WARNING: 4 processes did not verify every message")
+    assert "unverified per run [0, 12], rejected per run [0, 3]" in warnings[0]
+    assert "'replay': 3" in warnings[0]
+
+
+def test_combine_results_counts_what_did_not_verify():
+    from emulator.bench_ops import combine_results
+
+    run = combine_results([
+        {"received": 600, "verified": 598, "rejected": {"signature": 0, "replay": 2},
+         "first": 10.0, "last": 12.0},
+        {"received": 390, "verified": 390, "rejected": {"signature": 0, "replay": 0},
+         "first": 10.5, "last": 11.5},
+        {"received": 0, "verified": 0, "rejected": {}, "first": None, "last": None}], of=1000)
+    assert run["processes"] == 3 and run["verified"] == 988 and run["received"] == 990
+    assert run["unverified"] == 12 and run["rejected"] == {"signature": 0, "replay": 2}
+    assert run["seconds"] == 2.0 and run["per_s"] == 494
+    assert run["per_process_verified"] == [598, 390, 0]
+    assert run["per_process_per_s"] == [299, 390, None]
+
+
+def test_process_counts_option():
+    from emulator.bench_ops import parse_proc_counts
+
+    assert parse_proc_counts("2,1") == (1, 2)
+    assert parse_proc_counts("4") == (1, 4)
+    assert parse_proc_counts("1, 2,4,2") == (1, 2, 4)
+    for bad in ("", "0,2", "two"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_proc_counts(bad)
+
+
+def test_bench_command_takes_ops_procs():
+    from hallkiosk.cli import build_parser
+
+    args = build_parser(tools=False).parse_args(["bench", "--ops-procs", "1,2,4"])
+    assert args.ops_procs == (1, 2, 4)
+    assert build_parser(tools=False).parse_args(["bench"]).ops_procs == (1, 2)

@@ -222,7 +222,7 @@ _QR_MAX_MODULE = 6
 #: Data codewords of a model 2 symbol at error correction level M, versions 1-40 (ISO/IEC
 #: 18004:2015, table 7). With the bit counts below this is all a printer's own encoder needs
 #: to pick the smallest version; the agent computes the size itself instead of importing a
-#: QR encoder (segno and what it imports cost about 0.4 MB of the agent's 30 MB budget).
+#: QR encoder (segno and what it imports cost about 0.4 MB resident).
 _QR_M_CODEWORDS = (
     16, 28, 44, 64, 86, 108, 124, 154, 182, 216, 254, 290, 334, 365, 415, 453, 507, 563, 627,
     669, 714, 782, 860, 914, 1000, 1062, 1128, 1193, 1267, 1373, 1455, 1541, 1631, 1725, 1812,

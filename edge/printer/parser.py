@@ -3,8 +3,8 @@
 Pure code, no I/O. The emulated printer (emulator.printer) reads what the agent's driver
 writes with it; the agent itself never parses ESC/POS, so this lives apart from
 edge.printer.escpos (the builder, the layout and the status codes, which both sides share)
-and the agent does not load it (the ops below are two dozen dataclasses, about 0.15 MB of a
-process with a 30 MB budget).
+and the agent does not load it (the ops below are two dozen dataclasses, about 0.15 MB
+resident).
 """
 
 from __future__ import annotations
