@@ -395,3 +395,47 @@ def test_the_ab_drop_in_runs_the_guard_before_the_agent_from_current():
     assert pre[:3] == ["/usr/bin/python3", "-I", "/opt/hallkiosk/lib/hallkiosk_slots.py"]
     assert pre[3:] == ["guard", "--root", "/opt/hallkiosk"]
     assert one(svc, "ReadWritePaths") == "/opt/hallkiosk"
+
+
+@pytest.mark.parametrize("bad", ["../escape.whl", "/abs.whl", "wheels/../../x", "link", "fifo"])
+def test_a_bundle_member_that_is_not_a_plain_relative_file_is_refused(tmp_path, bad):
+    import io
+    import tarfile
+
+    from edge.update.bundle import _extract
+
+    path = tmp_path / "b.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(bad)
+        if bad == "link":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif bad == "fifo":
+            info.type = tarfile.FIFOTYPE
+        else:
+            info.size = 1
+        tar.addfile(info, io.BytesIO(b"x") if info.isfile() else None)
+    with tarfile.open(path) as tar, pytest.raises(UpdateRefused, match="not a plain file"):
+        _extract(tar, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escape.whl").exists()
+
+
+def test_bundles_extract_where_tarfile_has_no_filters(tmp_path, monkeypatch):
+    """Debian bookworm's Python 3.11.2 has no extraction filters (3.11.4 added them): the
+    slot's install must work there too (the QEMU campaign's guest failed on it)."""
+    import tarfile
+
+    from edge.update.bundle import _extract
+
+    wheel = tmp_path / "w" / "hallkiosk-0.2.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"PK not really")
+    bundle = build_bundle(tmp_path / "b.tar", [wheel], "0.2.0")
+    monkeypatch.delattr(tarfile, "data_filter")
+    real = tarfile.TarFile.extractall
+
+    def old_extractall(self, path=".", members=None, *, numeric_owner=False):
+        return real(self, path, members, numeric_owner=numeric_owner)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
+    with tarfile.open(bundle) as tar:
+        _extract(tar, tmp_path / "out")
+    assert (tmp_path / "out" / "wheels" / wheel.name).read_bytes() == b"PK not really"

@@ -70,6 +70,26 @@ def _read_meta(tar: tarfile.TarFile) -> dict:
     return meta
 
 
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract a bundle: regular files and directories under plain relative names only.
+
+    Checked here rather than left to ``extractall(filter="data")`` alone: the extraction
+    filters came to Python 3.11 in 3.11.4, and Debian bookworm's python3 (what a kiosk's slots
+    run) is 3.11.2, where the keyword is a TypeError (found by the QEMU update campaign).
+    Where the filter exists it is applied too. The bundle's hash was verified against signed
+    TUF metadata before this; this is the second line."""
+    for m in tar.getmembers():
+        parts = Path(m.name).parts
+        if (not (m.isfile() or m.isdir()) or not parts or Path(m.name).is_absolute()
+                or any(part in ("..", "") for part in parts)):
+            raise UpdateRefused("bad_bundle", f"{m.name!r}: not a plain file or directory "
+                                "under a relative name")
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+    else:
+        tar.extractall(dest)
+
+
 def install(slots: Slots, slot: str, bundle: Path, sha256: str, *, python: str,
             shared_site: Path | None = None, timeout_s: float = 600.0) -> dict:
     """Build ``slot`` from ``bundle``. Returns the marker. Never touches the active slot."""
@@ -85,7 +105,7 @@ def install(slots: Slots, slot: str, bundle: Path, sha256: str, *, python: str,
     staging.mkdir(parents=True)
     with tarfile.open(bundle) as tar:
         meta = _read_meta(tar)
-        tar.extractall(staging, filter="data")
+        _extract(tar, staging)
     dest.parent.mkdir(parents=True, exist_ok=True)
     run = partial(subprocess.run, check=False, capture_output=True, text=True,
                   timeout=timeout_s)
