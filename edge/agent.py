@@ -27,7 +27,7 @@ from edge.idcard_worker import CardUnreadable, IdCardWorker
 from edge.keys import load_private_key, load_secret, public_from_raw
 from edge.footprint import release_startup_memory
 from edge.commands import CommandGate, Refusal
-from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, NotConnected, PublishDone, Will
+from edge.mqtt import LinkDown, LinkMessage, LinkUp, MqttLink, PublishDone, Will
 from edge.printing import PrinterHandle
 from edge.peripherals import Peripherals
 from edge.publisher import Publisher
@@ -444,12 +444,8 @@ class Agent:
         self._answer(self.gate.result_body(outcome, status=status, reason=reason, detail=detail))
 
     def _answer(self, body: dict | None) -> None:
-        if body is None:
-            return
-        try:
-            self.publisher.send(self.topics.cmd_result, "cmd_result", body, qos=1)
-        except NotConnected:
-            log.info("command result not sent: broker unreachable")
+        if body is not None:
+            self.publisher.command_result(body)
 
     def _on_mode(self, mode) -> None:
         if not mode.offers_tickets:
