@@ -1,6 +1,7 @@
 """The fault scenario shared by ``make city`` and tests/test_city.py: a cluster node
-killed, the city cut off from every hall (all nodes down, then back), a hall broker
-restarted; tickets issued throughout. With central ops running, what they count is checked
+killed, the city cut off from every hall (all nodes down, then back), one hall's bridge
+cut while the city and the other halls run on, a hall broker restarted; tickets issued
+throughout. With central ops running, what they count is checked
 against the city ledger at the end. Returns the figures; the caller asserts or prints.
 """
 
@@ -12,7 +13,7 @@ from .harness import CityRun, wait_until
 
 
 def run_faults(run: CityRun, *, per_kiosk: int = 2, cut_s: float = 5.0,
-               timeout_s: float = 90.0) -> dict[str, float]:
+               bridge_cut_s: float = 5.0, timeout_s: float = 90.0) -> dict[str, float]:
     fig: dict[str, float] = {}
     all_uids: list[str] = []
 
@@ -56,7 +57,14 @@ def run_faults(run: CityRun, *, per_kiosk: int = 2, cut_s: float = 5.0,
     fig["tickets_during_cut"] = len(uids)
     all_uids += uids
 
-    # 3. A hall broker restarted (clean stop, then start on the same port and data).
+    # 3. One hall's bridge cut (its uplink resets every connection and refuses new ones) for
+    # bridge_cut_s: that hall goes on alone, the others still reach the city, then it
+    # catches up from what its broker queued for the bridge.
+    uids, fig_cut = bridge_cut(run, run.halls[-1], bridge_cut_s, timeout_s)
+    fig.update(fig_cut)
+    all_uids += uids
+
+    # 4. A hall broker restarted (clean stop, then start on the same port and data).
     hall = run.halls[0]
     hall.broker.stop()
     hall.broker.start()
@@ -81,6 +89,39 @@ def run_faults(run: CityRun, *, per_kiosk: int = 2, cut_s: float = 5.0,
     if run.central:
         fig.update(central_figures(run, 30.0))
     return fig
+
+
+def bridge_cut(run: CityRun, hall, cut_s: float, timeout_s: float) -> tuple[list[str], dict]:
+    """Cut ``hall``'s bridge for ``cut_s`` while every kiosk keeps issuing. Returns every
+    ticket issued and the figures: tickets of the cut hall the city acked during the cut
+    (0 unless the cut leaked), the other halls' tickets acked by the city meanwhile, the
+    catch-up time and how many tickets the hall's broker held for the bridge."""
+    others = [k for h in run.halls if h is not hall for k in h.kiosks]
+    hall.cut_bridge(True)
+    t_cut = time.monotonic()
+    held: list[str] = []
+    theirs: list[str] = []
+    while time.monotonic() - t_cut < cut_s:
+        mine = [k.issue() for k in hall.kiosks]
+        run.wait_acked(mine, city=False, timeout_s=timeout_s)   # the hall ledger acks alone
+        held += mine
+        more = [k.issue() for k in others]
+        run.wait_acked(more, city=True, timeout_s=timeout_s)
+        theirs += more
+        time.sleep(0.2)
+    leaked = sum(1 for u in held if run.acked_by_city([u]))
+    t0 = time.monotonic()
+    hall.cut_bridge(False)
+    run.wait_acked(held, city=True, timeout_s=timeout_s + cut_s)
+    return held + theirs, {
+        "bridge_cut_s": t0 - t_cut,
+        "bridge_cut_hall": hall.name,
+        "bridge_cut_tickets_held": len(held),
+        "bridge_cut_city_acked_during_cut": leaked,
+        "bridge_cut_other_halls_city_acked": len(theirs),
+        "bridge_cut_catch_up_s": time.monotonic() - t0,
+        "bridge_cut_relay_resets": sum(r.resets for r in hall.uplinks),
+    }
 
 
 def central_figures(run: CityRun, timeout_s: float) -> dict[str, float]:

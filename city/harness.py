@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.broker import MosquittoBroker
+from hall.blackhole import BlackholeProxy
 from ops.consumer import TicketConsumer
 from provisioning.emulated import DEFAULT_SERVICES, HallMaterials, provision_emulated_hall
 
@@ -45,6 +46,15 @@ class Hall:
     broker: MosquittoBroker
     ledger: TicketConsumer
     kiosks: list[LightKiosk] = field(default_factory=list)
+    #: The hall's uplink: one loopback relay per city node, which the bridge dials instead
+    #: of the node, so one hall's bridge can be cut while the others and the city run on.
+    uplinks: list[BlackholeProxy] = field(default_factory=list)
+
+    def cut_bridge(self, on: bool) -> None:
+        """Cut (or restore) this hall's link to every city node: connections reset, new
+        ones refused, as a severed uplink or a firewall would (hall/blackhole.py's cut)."""
+        for relay in self.uplinks:
+            relay.cut(on)
 
     def bridge_connected(self) -> bool:
         return any("Connecting bridge" in m or "bridge" in m.lower() for m in self.broker.log_messages())
@@ -63,6 +73,7 @@ class CityRun:
         self.cluster = NatsCluster(self.dir / "cluster", self.pki.node_tls(), size=nodes)
         self.halls: list[Hall] = []
         self.city: CityLedger | None = None
+        self._relays: list[BlackholeProxy] = []
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> "CityRun":
@@ -75,14 +86,17 @@ class CityRun:
             mats = provision_emulated_hall(
                 self.dir / name, devices, hall=name,
                 services=DEFAULT_SERVICES + ((city_ledger_id(name), "consumer"),))
+            uplinks = [BlackholeProxy(h, p, refuse_when_upstream_down=True).start()
+                       for h, p in self.cluster.mqtt_addresses]
+            self._relays += uplinks
             conf = mats.broker_conf_text + "\n" + render_bridge_conf(
-                name, self.cluster.mqtt_addresses, self.pki.bridge(name))
+                name, [("127.0.0.1", r.port) for r in uplinks], self.pki.bridge(name))
             broker = MosquittoBroker(self.dir / name / "broker-run", conf_text=conf).start()
             ledger = TicketConsumer(service_id="ledger", hall=name, key=mats["ledger"].key,
                                     keyring=mats.keyring(), state_dir=self.dir / name / "ledger",
                                     host=broker.host, port=broker.port,
                                     tls=mats.tls_for("ledger")).start()
-            hall = Hall(name, mats, broker, ledger)
+            hall = Hall(name, mats, broker, ledger, uplinks=uplinks)
             ring = mats.keyring()
             for d in devices:
                 hall.kiosks.append(LightKiosk(name, d, mats[d].key, mats.tls_for(d), ring,
@@ -168,6 +182,8 @@ class CityRun:
             self.city.stop()
         for h in self.halls:
             h.broker.stop()
+        for r in self._relays:
+            r.stop()
         self.cluster.stop()
 
     def __enter__(self) -> "CityRun":

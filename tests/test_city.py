@@ -1,7 +1,7 @@
 """The city tier end to end (short version of `make city`): a real 3-node NATS cluster
 (JetStream + MQTT gateway) on loopback, real hall Mosquittos bridged to it over mTLS,
 kiosks signing real envelopes, the hall ledgers and the city ledger; a node killed, the
-city cut off, a hall broker restarted. Acknowledged tickets lost must be 0 in both tiers,
+city cut off, one hall's bridge cut while the others run on, a hall broker restarted. Acknowledged tickets lost must be 0 in both tiers,
 and every re-sent ticket must be a duplicate the ledgers removed."""
 
 from __future__ import annotations
@@ -33,8 +33,15 @@ def test_bridge_conf_lists_every_node_and_directions():
 def test_city_faults_lose_no_acknowledged_ticket(tmp_path):
     find_nats_server()
     with CityRun(tmp_path / "city", halls=3, kiosks_per_hall=2, central_ops=2) as run:
-        fig = run_faults(run, per_kiosk=2, cut_s=3.0)
+        fig = run_faults(run, per_kiosk=2, cut_s=3.0, bridge_cut_s=4.0)
     assert fig["acked"] == fig["tickets_issued"]
+    # The cut hall's broker kept serving its kiosks (its ledger acked every ticket), the
+    # city acked none of them until the cut ended and then all, and the other halls' tickets
+    # crossed to the city throughout.
+    assert fig["bridge_cut_tickets_held"] >= 2
+    assert fig["bridge_cut_city_acked_during_cut"] == 0
+    assert fig["bridge_cut_other_halls_city_acked"] >= 4
+    assert fig["bridge_cut_relay_resets"] >= 1
     # Central ops (two `hallkiosk ops run` processes on the cluster, the halls split between
     # them) saw every hall once, every kiosk online, and counted what the city ledger holds.
     assert fig["central_instances"] == 2

@@ -183,3 +183,84 @@ def test_stop_is_safe_twice(broker):
     proxy = BlackholeProxy(broker.host, broker.port).start()
     proxy.stop()
     proxy.stop()
+
+
+def test_a_cut_resets_both_sides_and_refuses_until_it_ends(broker):
+    """cut(True) is a link that is down and says so (the city tier's bridge cut): the open
+    connection is reset, not left hanging, the broker sees it go at once, new connections
+    are refused; cut(False) listens again on the same port."""
+    with BlackholeProxy(broker.host, broker.port) as proxy:
+        port = proxy.port
+        s = _raw_mqtt(port, "cutme")
+        proxy.cut(True)
+        assert proxy.is_cut and proxy.resets == 1
+        s.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            s.recv(1)          # an RST, not a FIN (which would read b"")
+        s.close()
+        wait_for(lambda: _logged(broker, "Client cutme") and not _logged(broker, "Client cutme has exceeded timeout"),
+                 5, "the broker told of the cut at once")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert proxy.connections == 1
+        with pytest.raises(ProxyError, match="cut"):
+            proxy.blackhole(True)
+        proxy.cut(False)
+        assert proxy.port == port and not proxy.is_cut
+        s = _raw_mqtt(port, "again")
+        assert proxy.connections == 2
+        s.close()
+
+
+def test_a_cut_that_cannot_listen_again_says_so(broker):
+    with BlackholeProxy(broker.host, broker.port) as proxy:
+        port = proxy.port
+        proxy.cut(True)
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        try:
+            with pytest.raises(ProxyError, match=str(port)):
+                proxy.cut(False)
+            assert proxy.is_cut
+        finally:
+            squatter.close()
+        proxy.cut(False)
+        _raw_mqtt(port, "back").close()
+
+
+def test_in_mirror_mode_a_dead_upstream_is_refused_not_accepted_and_dropped(broker):
+    """The city's uplink relays refuse while their node is down, as the node itself would:
+    Mosquitto 2.0.11's bridge stalled for good on connections that were accepted and then
+    closed during its TLS handshake (docs/city.md)."""
+    with BlackholeProxy(broker.host, broker.port, refuse_when_upstream_down=True) as proxy:
+        s = _raw_mqtt(proxy.port, "m1")
+        broker.kill()
+        s.settimeout(5)
+        assert s.recv(1) == b""       # the upstream's close reached the client...
+        s.close()
+        # ...after the relay stopped listening: the reconnection is refused at once.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        broker.start()
+        # A probe finds the broker back and the relay listens again on the same port.
+        wait_for(lambda: _connects(proxy.port), 10, "the relay listening again")
+        _raw_mqtt(proxy.port, "m2").close()
+
+
+def test_without_mirror_mode_a_dead_upstream_is_accepted_then_reset(broker):
+    with BlackholeProxy(broker.host, broker.port) as proxy:
+        broker.kill()
+        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        s.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            s.recv(1)
+        s.close()
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
