@@ -53,6 +53,8 @@ class Hall:
     def cut_bridge(self, on: bool) -> None:
         """Cut (or restore) this hall's link to every city node: connections reset, new
         ones refused, as a severed uplink or a firewall would (hall/blackhole.py's cut)."""
+        if not self.uplinks:
+            raise RuntimeError(f"{self.name}: no uplink relays (CityRun(uplink_relays=True))")
         for relay in self.uplinks:
             relay.cut(on)
 
@@ -62,12 +64,15 @@ class Hall:
 
 class CityRun:
     def __init__(self, workdir: str | Path, *, halls: int = 3, kiosks_per_hall: int = 3,
-                 nodes: int = 3, central_ops: int = 0) -> None:
+                 nodes: int = 3, central_ops: int = 0, uplink_relays: bool = False) -> None:
         """``central_ops``: how many ``hallkiosk ops run`` instances watch the city (the
-        halls split between them)."""
+        halls split between them). ``uplink_relays``: each hall's bridge dials the nodes
+        through loopback relays (``Hall.uplinks``), so that one hall's bridge can be cut; off
+        for the node-loss and city-restart scenario (docs/city.md says why)."""
         self.dir = Path(workdir).absolute()
         self.n_halls, self.n_kiosks = halls, kiosks_per_hall
         self.n_central = central_ops
+        self.uplink_relays = uplink_relays
         self.central: list[CentralOps] = []
         self.pki = city_pki(self.dir / "city-pki")
         self.cluster = NatsCluster(self.dir / "cluster", self.pki.node_tls(), size=nodes)
@@ -87,10 +92,12 @@ class CityRun:
                 self.dir / name, devices, hall=name,
                 services=DEFAULT_SERVICES + ((city_ledger_id(name), "consumer"),))
             uplinks = [BlackholeProxy(h, p, refuse_when_upstream_down=True).start()
-                       for h, p in self.cluster.mqtt_addresses]
+                       for h, p in self.cluster.mqtt_addresses] if self.uplink_relays else []
             self._relays += uplinks
+            dial = ([("127.0.0.1", r.port) for r in uplinks] if uplinks
+                    else self.cluster.mqtt_addresses)
             conf = mats.broker_conf_text + "\n" + render_bridge_conf(
-                name, [("127.0.0.1", r.port) for r in uplinks], self.pki.bridge(name))
+                name, dial, self.pki.bridge(name))
             broker = MosquittoBroker(self.dir / name / "broker-run", conf_text=conf).start()
             ledger = TicketConsumer(service_id="ledger", hall=name, key=mats["ledger"].key,
                                     keyring=mats.keyring(), state_dir=self.dir / name / "ledger",
