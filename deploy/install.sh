@@ -2,7 +2,7 @@
 # Install the hallkiosk agent on a kiosk (Raspberry Pi OS / Debian 12 or later), as root.
 #
 #   sudo deploy/install.sh [--state-partition /data] [--prefix /opt/hallkiosk]
-#                          [--watchdog-sec 15] [--python python3] [--no-start]
+#                          [--watchdog-sec 15] [--python python3] [--no-start] [--ab-slots]
 #
 # Idempotent: run it again after copying a new release; it changes only what differs and
 # never touches /etc/hallkiosk/agent.toml, the hall secret or the device key.
@@ -10,7 +10,9 @@
 # What it does, in order (docs/unattended.md explains each choice):
 #   1. system user "hallkiosk" in groups dialout, gpio, video;
 #   2. a venv in PREFIX with --system-site-packages (picamera2 and libcamera come from apt,
-#      they are not on PyPI), and the package with its pinned dependencies;
+#      they are not on PyPI), and the package with its pinned dependencies; with
+#      --ab-slots the venv is slot a of PREFIX/slots/{a,b} instead, with PREFIX/current,
+#      the boot guard and the unit's ab-slots.conf drop-in (signed updates, docs/updates.md);
 #   3. /etc/hallkiosk (root:hallkiosk 0750) with agent.toml.example next to your agent.toml;
 #   4. the systemd unit, and with --state-partition a bind mount of DIR/hallkiosk on
 #      /var/lib/hallkiosk, so the durable state survives an overlay (read-only) root;
@@ -34,6 +36,7 @@ WATCHDOG_SEC=15
 PYTHON=python3
 DRY_RUN=0
 START=1
+AB=0
 USER_NAME=hallkiosk
 GROUPS_NEEDED=(dialout gpio video)
 
@@ -49,6 +52,7 @@ while [ $# -gt 0 ]; do
         --python) PYTHON=$2; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         --no-start) START=0; shift ;;
+        --ab-slots) AB=1; shift ;;
         -h|--help) usage 0 ;;
         *) echo "install.sh: unknown option $1" >&2; usage 2 >&2 ;;
     esac
@@ -73,7 +77,8 @@ fi
 if [ "$EXEC" = 1 ] && [ "$(id -u)" != 0 ]; then
     echo "install.sh: run as root (or with --dry-run / --root DIR)" >&2; exit 1
 fi
-for f in deploy/systemd/hallkiosk.service deploy/udev/99-hallkiosk.rules docs/agent.example.toml pyproject.toml; do
+for f in deploy/systemd/hallkiosk.service deploy/systemd/hallkiosk-ab-slots.conf \
+         deploy/udev/99-hallkiosk.rules docs/agent.example.toml pyproject.toml edge/update/slots.py; do
     [ -f "$SRC/$f" ] || { echo "install.sh: $SRC is not a hallkiosk source tree (no $f)" >&2; exit 2; }
 done
 
@@ -131,13 +136,17 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # -- 2. venv and package -------------------------------------------------------------------
-if [ -x "$ROOT$PREFIX/bin/python" ]; then
-    say "venv $PREFIX exists"
+# With --ab-slots (docs/updates.md) the venv is slot a of PREFIX/slots/{a,b}, `current`
+# points at it and signed updates install into the other slot; without, PREFIX is the venv.
+VENV=$PREFIX
+if [ "$AB" = 1 ]; then VENV=$PREFIX/slots/a; fi
+if [ -x "$ROOT$VENV/bin/python" ]; then
+    say "venv $VENV exists"
 else
-    run "$PYTHON" -m venv --system-site-packages "$PREFIX"
+    run "$PYTHON" -m venv --system-site-packages "$VENV"
 fi
 # Pinned versions come from the package's own metadata: the fleet runs what was tested.
-run "$PREFIX/bin/pip" install --disable-pip-version-check --no-cache-dir --upgrade "$SRC"
+run "$VENV/bin/pip" install --disable-pip-version-check --no-cache-dir --upgrade "$SRC"
 # The unit runs the agent with PYTHONOPTIMIZE=2 (no docstrings: 1.3 MiB less resident) and
 # PYTHONDONTWRITEBYTECODE on a read-only root, so its bytecode is written here, once: the
 # standard modules it imports (Debian ships only -O0 bytecode) and everything in the venv's
@@ -145,7 +154,28 @@ run "$PREFIX/bin/pip" install --disable-pip-version-check --no-cache-dir --upgra
 # installed package, not a checkout in the current directory. After a Python upgrade from
 # apt, run install.sh again (dpkg does not know these files; the agent still runs without
 # them, compiling at each start).
-run "$PREFIX/bin/python" -P -m edge.footprint --precompile
+run "$VENV/bin/python" -P -m edge.footprint --precompile
+
+# -- 2b. A/B slots (--ab-slots) ----------------------------------------------------------------
+if [ "$AB" = 1 ]; then
+    # Slot a is complete once its marker exists (edge/update/slots.py); `current` is set only
+    # when missing: after an update it may rightly point at slot b. The boot guard is a copy
+    # of slots.py (standard library only) run by the system Python before every start.
+    VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$SRC/pyproject.toml" | head -n 1)
+    printf '{"bundle": "deploy/install.sh", "sha256": "-", "version": "%s"}\n' "$VERSION" \
+        | write_file 0644 "$VENV/hallkiosk-slot.json"
+    install_file 0644 "$SRC/edge/update/slots.py" "$PREFIX/lib/hallkiosk_slots.py"
+    if [ -L "$ROOT$PREFIX/current" ]; then
+        say "current -> $(readlink "$ROOT$PREFIX/current")"
+    elif [ "$WRITE" = 1 ]; then
+        ln -s slots/a "$ROOT$PREFIX/current"
+        say "current -> slots/a"
+    else
+        say "would link current -> slots/a"
+    fi
+    # The agent writes its update state, downloads and the other slot under PREFIX.
+    run chown -R "$USER_NAME:$USER_NAME" "$PREFIX"
+fi
 
 # -- 3. config directory ---------------------------------------------------------------------
 if [ "$WRITE" = 1 ]; then install -d -m 0750 "$ROOT/etc/hallkiosk"; fi
@@ -158,6 +188,10 @@ install_file 0640 "$SRC/docs/agent.example.toml" /etc/hallkiosk/agent.toml.examp
 CHANGED=0
 sed "s#/opt/hallkiosk/bin/hallkiosk#$PREFIX/bin/hallkiosk#" "$SRC/deploy/systemd/hallkiosk.service" \
     | write_file 0644 /etc/systemd/system/hallkiosk.service
+if [ "$AB" = 1 ]; then
+    sed "s#/opt/hallkiosk#$PREFIX#g" "$SRC/deploy/systemd/hallkiosk-ab-slots.conf" \
+        | write_file 0644 /etc/systemd/system/hallkiosk.service.d/ab-slots.conf
+fi
 if [ -n "$STATE_PARTITION" ]; then
     # A bind mount, not a symlink: StateDirectory= wants a real directory at the path, and
     # RequiresMountsFor= makes the agent wait for the partition instead of writing to RAM.
@@ -233,7 +267,7 @@ if [ -n "$STATE_PARTITION" ]; then
 fi
 run systemctl enable hallkiosk.service
 if [ -f "$ROOT/etc/hallkiosk/agent.toml" ]; then
-    run "$PREFIX/bin/hallkiosk" check-config --config /etc/hallkiosk/agent.toml
+    run "$VENV/bin/hallkiosk" check-config --config /etc/hallkiosk/agent.toml
     if [ "$START" = 1 ]; then
         if [ -n "$STATE_PARTITION" ]; then run systemctl start var-lib-hallkiosk.mount; fi
         run systemctl restart hallkiosk.service

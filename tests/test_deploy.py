@@ -240,3 +240,51 @@ def test_install_refuses_bad_options(tmp_path, args):
     done = run_install(tmp_path / "root", *args)
     assert done.returncode == 2
     assert not (tmp_path / "root").exists(), "nothing written before the options are checked"
+
+
+def test_install_ab_slots_lays_out_slot_a_the_guard_and_the_drop_in(tmp_path):
+    """--ab-slots: the venv becomes slot a, complete (its marker names the package's
+    version), `current` points at it, the guard is the standard-library slots module and the
+    unit's drop-in runs the guard, then current's agent; a second run keeps `current`
+    wherever an update moved it."""
+    import json
+    import tomllib
+
+    from edge.update.slots import Slots
+
+    root = tmp_path / "root"
+    (root / "etc" / "hallkiosk").mkdir(parents=True)
+    (root / "etc" / "hallkiosk" / "agent.toml").write_text("# the kiosk's own\n")
+    done = run_install(root, "--prefix", "/srv/hk", "--ab-slots", "--no-start")
+    assert done.returncode == 0, done.stderr
+    for command in ("-m venv --system-site-packages /srv/hk/slots/a",
+                    "/srv/hk/slots/a/bin/pip install", "/srv/hk/slots/a/bin/python -P -m edge.footprint",
+                    "chown -R hallkiosk:hallkiosk /srv/hk", "/srv/hk/slots/a/bin/hallkiosk check-config"):
+        assert command in done.stdout, command
+    prefix = root / "srv" / "hk"
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert json.loads((prefix / "slots/a/hallkiosk-slot.json").read_text())["version"] == version
+    slots = Slots(prefix)
+    assert slots.active() == "a" and slots.version("a") == version
+    assert (prefix / "lib/hallkiosk_slots.py").read_bytes() == \
+        (REPO / "edge/update/slots.py").read_bytes()
+    dropin = parse_unit((root / "etc/systemd/system/hallkiosk.service.d/ab-slots.conf").read_text())
+    svc = dropin["Service"]
+    assert svc["ExecStartPre"] == ["/usr/bin/python3 -I /srv/hk/lib/hallkiosk_slots.py guard --root /srv/hk"]
+    assert svc["ExecStart"] == ["", "/srv/hk/current/bin/hallkiosk agent --config /etc/hallkiosk/agent.toml"]
+    assert one(svc, "ReadWritePaths") == "/srv/hk"
+
+    (prefix / "current").unlink()
+    (prefix / "current").symlink_to("slots/b")       # an update switched to b
+    again = run_install(root, "--prefix", "/srv/hk", "--ab-slots", "--no-start")
+    assert again.returncode == 0, again.stderr
+    assert (prefix / "current").readlink() == Path("slots/b")
+    assert "install: updated" not in again.stdout
+
+
+def test_install_without_ab_slots_writes_no_slot_layout(tmp_path):
+    root = tmp_path / "root"
+    done = run_install(root, "--no-start")
+    assert done.returncode == 0, done.stderr
+    assert not (root / "etc/systemd/system/hallkiosk.service.d/ab-slots.conf").exists()
+    assert not (root / "opt/hallkiosk/current").exists()
