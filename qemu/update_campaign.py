@@ -13,9 +13,9 @@ given the cuts are drawn over that whole span. Then, ``--cuts`` times:
 
 1. a card tap gives a ticket, acknowledged by the ledger (an update never starts with a
    ticket unacknowledged);
-2. ops send the signed ``update`` command (alternately 0.3.0 and 0.2.0, to whichever slot is
-   not running), or nothing when the previous update is still under way (it resumes by
-   itself);
+2. ops send the signed ``update`` command to a release the kiosk has never had (0.3.0,
+   0.4.0, ...; into whichever slot is not running), or nothing when the previous update is
+   still under way (it resumes by itself);
 3. after a random delay the QEMU process is killed (SIGKILL: a power cut); the update
    phase last reported before the cut is recorded;
 4. the VM boots again from the same disk: the agent must come back online (from either
@@ -41,7 +41,14 @@ from qemu.harness import RELAY, HarnessError, QemuKiosk
 REPO = Path(__file__).resolve().parents[1]
 REPO_PORT = 8443
 AB_ROOT = "/opt/hallkiosk-ab"
-VERSIONS = ("0.2.0", "0.3.0")
+
+
+def versions(cuts: int) -> list[str]:
+    """One release per update: the baseline's, and one for every cut (at most one command
+    per cut). Each is new to the kiosk, so every update downloads its bundle: with two
+    releases alternating, the kiosk kept both in its downloads after the first round, an
+    update took 3 s instead of 33 and most cuts landed after the commit."""
+    return [f"0.{n}.0" for n in range(2, cuts + 3)]
 #: deploy/install.sh's venv on bookworm (Python 3.11): the dependencies slots share here.
 GUEST_SITE = "/opt/hallkiosk/lib/python3.11/site-packages"
 
@@ -205,7 +212,7 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float | None, boot_limi
     work.mkdir(parents=True)
     report: dict = {"image": img.key, "seed": seed, "cuts": [], "rate_kib_s": rate_kib_s}
     bundles = {v: build_bundle(work / f"hallkiosk-{v}.tar", [_wheel(work / "wheels", v)], v)
-               for v in VERSIONS}
+               for v in versions(cuts)}
     report["bundle_bytes"] = {v: b.stat().st_size for v, b in bundles.items()}
     with EmulatedHall(work / "hall") as hall:
         srv = work / "updates-tls"
@@ -250,22 +257,22 @@ def run(out: Path, *, cuts: int, seed: int, max_delay_s: float | None, boot_limi
                              180, "online from slot a", since=0)
             printed = 1
             _ticket(vm, consumer, printed, "before the baseline")
-            report["baseline_s"] = base = _baseline(vm, ops, VERSIONS[0], 1200)
+            report["baseline_s"] = base = _baseline(vm, ops, versions(cuts)[0], 1200)
             print(json.dumps({"baseline_s": base}), flush=True)
             if max_delay_s is None:
                 max_delay_s = round(base["committed"] * 1.1, 1)
             report["max_delay_s"] = max_delay_s
             target = None
+            unused = versions(cuts)[1:]
             for i in range(cuts):
                 # 1. a ticket, acknowledged.
                 printed += 1
                 _ticket(vm, consumer, printed, f"cut {i}")
                 # 2. the update command, unless one is under way.
                 st = _state(vm).get("extra", {})
-                version = _state(vm).get("agent_version")
                 busy = st.get("update_state") in ("preparing", "installed", "switching", "trial")
                 if not busy:
-                    target = next(v for v in VERSIONS if v != version)
+                    target = unused.pop(0)
                     ops.send(vm.device_id, "update",
                              {"target": f"hallkiosk-{target}.tar", "version": target},
                              ttl_s=120)
