@@ -12,6 +12,7 @@ help:
 	@echo "make city   - a city on loopback: 3-node NATS cluster, bridged hall brokers, faults, figures"
 	@echo "make qemu-image - build the arm64 Debian image with the agent installed (cached)"
 	@echo "make qemu-test  - boot it under QEMU and check boot, ticket, kill -9, power-off"
+	@echo "make qemu-update - signed A/B updates of that image, QEMU killed 20 times mid-update"
 	@echo "make clean  - remove .venv and generated output"
 
 setup:

@@ -51,7 +51,8 @@ class Arrival:
     kiosk: int                 # index into the hall's kiosks
     kind: str                  # one of KINDS
     service_index: int         # the button pressed; for QR kinds, the service in the code
-    leaves: bool = False       # presents the card, walks away before a button: no ticket
+    leaves: bool = False       # walks away before a button: no ticket (an appointment
+                               # code needs no button: its ticket prints and stays in the tray)
     staff_call: bool = False   # also presses the staff-call button
     cell: bool = False         # the kiosk stands in a privacy cell
 

@@ -181,6 +181,8 @@ def render_terminal(report: dict) -> str:
         f"  citizens {_g(r, 'citizens')}, served {_g(r, 'served')}, walked away "
         f"{_g(r, 'walked_away')}, moved to another kiosk {_g(r, 'moved_to_another_kiosk')}, "
         f"not served {_g(r, 'not_served')}",
+        f"  tickets left in the tray by walk-aways {_g(r, 'walked_away_leaving_a_ticket')}, "
+        f"taken by nobody else {_g(r, 'tickets_beyond_served')}",
         f"  tickets issued {_g(r, 'tickets_issued')}, printed {_g(r, 'tickets_printed')}, in the "
         f"ledger {_g(r, 'tickets_in_ledger')} (issued, not printed {_g(r, 'issued_not_printed')})",
         f"  lost {_g(r, 'lost')}, duplicated {_g(r, 'duplicated')}, printed twice "

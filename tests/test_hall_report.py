@@ -111,7 +111,8 @@ def test_report_json_round_trips(tmp_path):
 FULL = {
     "citizens": 5885, "served": 5708, "walked_away": 177, "tickets_issued": 5708,
     "tickets_printed": 5708, "tickets_in_ledger": 5708, "lost": 0, "duplicated": 0,
-    "printed_twice": 0, "outbox_left": 0,
+    "printed_twice": 0, "outbox_left": 0, "walked_away_leaving_a_ticket": 45,
+    "tickets_beyond_served": 0,
     "tap_to_ticket_ms": {"p50": 151.2, "p99": 412.7, "n": 5708},
     "blackhole": {"seconds": 30, "connections_dropped": 50, "detect_max_s": 17.9,
                   "within_2_keepalives": True},
@@ -130,7 +131,8 @@ def test_the_summary_carries_the_figures():
     for figure in ("tickets issued 5708", "in the ledger 5708", "lost 0", "duplicated 0",
                    "printed twice 0", "p50 151.2 ms", "p99 412.7 ms", "slowest after 17.9 s",
                    "2 keepalives of 10 s: True", "41.2/43.0/47.9", "0.4/0.7/2.1", "38.5 %",
-                   "agent_kill9 on k-07", "back_after_s=1.8"):
+                   "agent_kill9 on k-07", "back_after_s=1.8",
+                   "left in the tray by walk-aways 45, taken by nobody else 0"):
         assert figure in text, figure
     assert text.splitlines()[-1].startswith("PASS")
 
