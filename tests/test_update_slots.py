@@ -339,6 +339,45 @@ def test_an_unreachable_repository_is_retried_with_backoff(kiosk):
     assert len(spawned) == 3
 
 
+class _Crashed:
+    """A prepare child that died of an uncaught exception (Python exits with status 1)."""
+
+    def poll(self) -> int:
+        return 1
+
+
+def test_a_prepare_that_keeps_crashing_fails_the_update_with_an_event(kiosk):
+    spawned, now = [], [1_000_000]
+    up = KioskUpdates(kiosk.cfg(), slot="a", spawn=lambda argv: spawned.append(argv) or _Crashed(),
+                      wall_ms=lambda: now[0])
+    assert up.request({"target": TARGET}, IDLE, "n4")[0] == "done"
+    events = []
+    for _ in range(12):                  # a turn that sees the crash, a turn that respawns
+        events += [e[0] for e in up.tick(IDLE).events]
+        now[0] += 700_000                # past any backoff
+    assert len(spawned) == 3             # three crashes, then no fourth try
+    st = kiosk.state()
+    assert (st["state"], st["code"]) == ("failed", "install_failed")
+    assert "crashed 3 times" in st["reason"]
+    assert "update_refused" in events and up.fields()["update_code"] == "install_failed"
+    assert kiosk.slots.active() == "a"
+
+
+def test_a_killed_prepare_is_resumed_not_counted_as_a_crash(kiosk):
+    class _Killed:
+        def poll(self) -> int:
+            return -9                    # SIGKILL (a power cut of the child alone)
+
+    spawned, now = [], [1_000_000]
+    up = KioskUpdates(kiosk.cfg(), slot="a", spawn=lambda argv: spawned.append(argv) or _Killed(),
+                      wall_ms=lambda: now[0])
+    up.request({"target": TARGET}, IDLE, "n5")
+    for _ in range(12):
+        up.tick(IDLE)
+        now[0] += 700_000
+    assert len(spawned) >= 5 and kiosk.state()["state"] == "preparing"
+
+
 def test_update_args_are_checked():
     assert check_args({"target": TARGET, "version": "0.2.0", "deadline_s": 120}) == \
         (TARGET, "0.2.0", 120)

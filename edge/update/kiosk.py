@@ -46,6 +46,11 @@ POLL_MS = 1000
 #: up to RETRY_MAX_MS (a hall network down must not make every kiosk hammer the repository).
 RETRY_MIN_MS = 15_000
 RETRY_MAX_MS = 600_000
+#: A prepare child that dies of an uncaught exception (exit status 1 with the state still
+#: ``preparing``; a power cut or a kill is a signal, an unreachable repository exit 0) this
+#: many times in a row fails the update (``install_failed``): a bug in the kiosk's Python
+#: (the QEMU campaign's tarfile TypeError) must reach ops, not retry for ever.
+MAX_PREPARE_CRASHES = 3
 #: Outcomes whose event must be published once even across restarts (a rollback by the boot
 #: guard has no agent running to report it; the next start does).
 TERMINAL = ("committed", "rolled_back", "failed")
@@ -103,6 +108,7 @@ class KioskUpdates:
         self._next_poll = 0
         self._retry_at = 0
         self._retry_ms = RETRY_MIN_MS
+        self._crashes = 0
 
     @classmethod
     def for_agent_config(cls, agent_config_path: Path) -> KioskUpdates | None:
@@ -152,8 +158,17 @@ class KioskUpdates:
             self._state = self.machine.state()
             self._next_poll = now + POLL_MS
             if child_done:
+                status = self._child.poll()
                 self._child = None
-                if self._state["state"] == "preparing":      # unreachable: retry later
+                preparing = self._state["state"] == "preparing"
+                self._crashes = self._crashes + 1 if preparing and status == 1 else 0
+                if self._crashes >= MAX_PREPARE_CRASHES:
+                    self._crashes = 0
+                    self._state = self.machine.slots.write_state({
+                        **self._state, "state": "failed", "code": "install_failed",
+                        "reason": f"the prepare step crashed {MAX_PREPARE_CRASHES} times in "
+                                  "a row (exit status 1; the kiosk's journal has the trace)"})
+                elif preparing:                          # unreachable or cut: retry later
                     self._retry_at = now + self._retry_ms
                     self._retry_ms = min(2 * self._retry_ms, RETRY_MAX_MS)
                 else:
