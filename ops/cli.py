@@ -67,6 +67,27 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="exit after this many alerts (0: follow until SIGTERM/SIGINT)")
     a.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    u = osub.add_parser("rollout", help="update kiosks in waves with signed update commands "
+                        "(canaries first; halts on a rollback, refusal or ticket-rate drop)")
+    common(u)
+    u.add_argument("--cert", type=Path, required=True, help="an ops certificate (role ops)")
+    u.add_argument("--key", type=Path, required=True, help="its private key")
+    u.add_argument("--target", required=True, help="the bundle's name in the signed targets")
+    u.add_argument("--version", required=True, help="the version it installs")
+    u.add_argument("--hall", help="the hall (needed when ops.toml watches several)")
+    u.add_argument("--devices", help="comma-separated kiosks (default: every kiosk of the hall "
+                   "the monitor sees)")
+    u.add_argument("--canaries", type=int, default=1, help="kiosks in the first wave")
+    u.add_argument("--wave-pct", type=int, default=25, help="share of the rest per wave")
+    u.add_argument("--soak-s", type=float, default=120.0)
+    u.add_argument("--wave-deadline-s", type=float, default=900.0)
+    u.add_argument("--health-deadline-s", type=int, default=None)
+    u.add_argument("--min-success-pct", type=int, default=90)
+    u.add_argument("--min-tickets", type=int, default=5)
+    u.add_argument("--wait-s", type=float, default=3.0,
+                   help="how long to gather the kiosks' retained states first")
+    u.add_argument("--dry-run", action="store_true", help="print the waves and send nothing")
+
     b = osub.add_parser("bench", help="verified messages/s vs the raw Ed25519 verify rate")
     b.add_argument("--out", default="bench-out")
     b.add_argument("--messages", type=int, default=20000)
@@ -108,12 +129,91 @@ def cmd_ops(args: argparse.Namespace) -> int:
     setup_logging("warning" if args.log_level == "info" else args.log_level)
     if args.ops_command == "status":
         return _status(cfg, args.wait_s, args.width)
+    if args.ops_command == "rollout":
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        return rollout(cfg, args, stop=stop)
     if args.ops_command == "alerts":
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         return follow_alerts(cfg, count=args.count, as_json=args.json, stop=stop)
     raise ConfigError(f"unknown ops command {args.ops_command!r}")
+
+
+def rollout(cfg: Any, args: argparse.Namespace, *, stop: threading.Event,
+            out: Any = None, turn_s: float = 2.0) -> int:
+    """``ops rollout``: the monitor of ``cfg`` gives the kiosks' snapshots, an OpsClient
+    signed with ``--cert``/``--key`` sends the commands, ops.rollout decides. Exit 0 when
+    every wave passed, 1 when the rollout halted (the reason printed), 2 for a setup error."""
+    from edge.keys import load_private_key
+    from edge.mqtt import TlsSettings
+    from ops.config import load_trust
+    from ops.rollout import ClientResults, Rollout, RolloutPlan, client_sender, drive, plan_waves
+    from provisioning.ca import load_cert_file
+    from provisioning.opsclient import OpsClient
+    from provisioning.trust import subject_fields
+
+    out = out if out is not None else sys.stdout
+    if args.hall is None and len(cfg.halls) != 1:
+        raise ConfigError(f"ops rollout: ops.toml watches {len(cfg.halls)} halls; name one "
+                          "with --hall")
+    hall = args.hall or cfg.halls[0]
+    if hall not in cfg.halls:
+        raise ConfigError(f"ops rollout: hall {hall!r} is not one ops.toml watches {cfg.halls}")
+    ops_id, role, _ = subject_fields(load_cert_file(args.cert, "ops certificate"))
+    if role != "ops":
+        raise ConfigError(f"{args.cert}: role {role!r}; commands need an ops certificate")
+    if cfg.broker.tls is None:
+        raise ConfigError("ops rollout: [broker] needs TLS settings (commands go over mTLS)")
+    monitor = build_monitor(cfg, with_ledger=False)
+    monitor.start()
+    client = None
+    try:
+        if not monitor.wait_connected(10.0):
+            print(f"hallkiosk ops rollout: broker {cfg.broker.host}:{cfg.broker.port} "
+                  "unreachable", file=sys.stderr)
+            return 2
+        stop.wait(args.wait_s)           # the retained states of the hall's kiosks
+
+        def snapshots() -> list:
+            monitor.tick()
+            return monitor.snapshot(hall)
+
+        devices = ([d for d in args.devices.split(",") if d] if args.devices
+                   else sorted(s.device for s in snapshots()))
+        if not devices:
+            print(f"hallkiosk ops rollout: no kiosk of hall {hall} seen", file=sys.stderr)
+            return 2
+        waves = plan_waves(devices, canaries=args.canaries, wave_pct=args.wave_pct)
+        for n, wave in enumerate(waves):
+            print(f"wave {n}: {', '.join(wave)}", file=out, flush=True)
+        if args.dry_run:
+            return 0
+        plan = RolloutPlan(target=args.target, version=args.version, waves=waves, hall=hall,
+                           wave_deadline_s=args.wave_deadline_s, soak_s=args.soak_s,
+                           min_success_pct=args.min_success_pct, min_tickets=args.min_tickets,
+                           health_deadline_s=args.health_deadline_s)
+        keyring = load_trust(cfg.trust).keyring          # the kiosks answer the commands
+        client = OpsClient(ops_id=ops_id, hall=hall, key=load_private_key(args.key),
+                           keyring=keyring, tls=TlsSettings(str(cfg.broker.tls.ca_file),
+                                                            str(args.cert), str(args.key)),
+                           host=cfg.broker.host, port=cfg.broker.port,
+                           state_dir=cfg.state_dir / "rollout").start()
+        r = Rollout(plan)
+        d = drive(r, send=client_sender(client), snapshots=snapshots,
+                  results=ClientResults(r, client), wait=stop.wait, turn_s=turn_s)
+        if d.state == "done":
+            print(f"rollout of {args.version} done: {len(devices)} kiosks committed", file=out)
+            return 0
+        print(f"rollout of {args.version} {d.state} in wave {d.wave}: "
+              f"{d.reason or 'stopped by a signal'}", file=out)
+        return 1
+    finally:
+        if client is not None:
+            client.stop()
+        monitor.stop()
 
 
 def _log_to_file(path: Path, level: str) -> None:

@@ -167,11 +167,17 @@ def test_tampered_release_is_refused_with_an_event_and_the_kiosk_keeps_its_slot(
 
 
 def test_a_canary_failing_its_health_check_rolls_back_and_halts_the_wave(hall, tmp_path, tls,
-                                                                       bundles, ops):  # noqa: F811
-    from mqtt_topics.envelope import verify
-    from ops.fleet import Fleet
-    from ops.rollout import ClientResults, Rollout, RolloutPlan, client_sender, drive
+                                                                       bundles, capsys):  # noqa: F811
+    """`hallkiosk ops rollout` as ops run it: its monitor (ops.toml, mTLS) watches the kiosks,
+    its ops client signs the update commands, the rollout halts when the canary rolls back."""
+    from cryptography.hazmat.primitives.serialization import Encoding
 
+    from hallkiosk.cli import main
+    from ops.fleet import Fleet
+    from mqtt_topics.envelope import verify
+    from tests.test_ops_monitor import _ops_toml, enroll_services
+
+    enroll_services(hall, ("mon-roll", "monitor"))      # before the kiosks: a broker restart
     repo, server = _repository(tmp_path, tls, bundles)
     kiosks = {n: _updatable_kiosk(hall, tmp_path, n, server, tls[2], bundles)
               for n in ("w1", "w2")}
@@ -182,30 +188,24 @@ def test_a_canary_failing_its_health_check_rolls_back_and_halts_the_wave(hall, t
         wait_for(lambda: len({m.topic for m in rec.messages}) == 2, timeout_s=40,
                  what="both kiosks online")
         kiosks["w1"][0].printer.set_silent(True)          # the canary cannot pass its gate
-        fleet, fed = Fleet(heartbeat_timeout_s=None), [0]
-
-        def snapshots():
-            msgs = list(hall.auditor.messages)
-            for m in msgs[fed[0]:]:
-                if "/kiosk/w" in m.topic and not m.topic.endswith("/cmd"):
-                    # The role of the topic's kind, as the monitor checks it: the fleet
-                    # refuses a message verified without its role (require_role=None).
-                    fleet.apply(verify(m.payload, m.topic, hall.keyring))
-            fed[0] = len(msgs)
-            return fleet.snapshot(hall.hall_id)
-
-        plan = RolloutPlan(target=TARGET, version="0.2.0", hall=hall.hall_id,
-                           waves=(("w1",), ("w2",)), wave_deadline_s=150, soak_s=5,
-                           health_deadline_s=30)
-        r = Rollout(plan)
-        d = drive(r, send=client_sender(ops), snapshots=snapshots,
-                  results=ClientResults(r, ops), wait=lambda s: threading.Event().wait(s) or False,
-                  turn_s=1.0)
-        assert d.state == "halted" and d.wave == 0, d
-        assert "w1: update rolled_back" in d.reason
-        assert "w2" not in r.devices                          # never sent a command
-        assert kiosks["w2"][1].read_state()["state"] == "idle"
+        certs = tmp_path / "certs.pem"
+        certs.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in hall.pki.certs()))
+        conf = _ops_toml(tmp_path / "ops.toml", hall, hall.pki["mon-roll"], certs, "rollout-mon")
+        ops_id = hall.pki["ops"]
+        rc = main(["ops", "rollout", "--config", str(conf), "--cert", str(ops_id.cert_path),
+                   "--key", str(ops_id.key_path), "--target", TARGET, "--version", "0.2.0",
+                   "--canaries", "1", "--soak-s", "5", "--wave-deadline-s", "150",
+                   "--health-deadline-s", "30", "--wait-s", "1"])
+        printed = capsys.readouterr().out
+        assert rc == 1, printed
+        assert "wave 0: w1" in printed and "wave 1: w2" in printed
+        assert "halted in wave 0" in printed and "w1: update rolled_back" in printed
+        assert kiosks["w2"][1].read_state()["state"] == "idle"   # never sent a command
         assert kiosks["w1"][1].active() == "a"
+        fleet, ring = Fleet(heartbeat_timeout_s=None), hall.pki.keyring()  # with mon-roll's key
+        for m in list(hall.auditor.messages):
+            if "/kiosk/w1/" in m.topic and not m.topic.endswith(("/cmd", "/alert")):
+                fleet.apply(verify(m.payload, m.topic, ring))
         snap = fleet.kiosk(hall.hall_id, "w1")
         assert (snap.slot, snap.update_state, snap.agent_version) == ("a", "rolled_back", "0.1.0")
         # The new slot's own agent rolled back at its deadline, naming the failed check, and

@@ -179,3 +179,55 @@ def test_drive_sends_through_the_given_client():
     assert d.state == "done"
     assert [dev for dev, _ in sent][:2] == ["k01", "k02"] and len(sent) == 8
     assert {name for _, name in sent} == {"update"}
+
+
+def _rollout_conf(tmp_path, halls=("hall1",)):
+    """An ops.toml for ``ops rollout`` on an emulated hall's PKI; nothing listens on its port
+    (the refusals below happen before any connection)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from provisioning.emulated import provision_emulated_hall
+
+    mats = provision_emulated_hall(tmp_path / "hall", ["k1"], hall="hall1")
+    certs = tmp_path / "certs.pem"
+    certs.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in mats.certs()))
+    mon = mats["auditor"]
+    conf = tmp_path / "ops.toml"
+    conf.write_text(f"""
+[ops]
+instance = "roll"
+halls = {list(halls)!r}
+state_dir = "{tmp_path / 'state'}"
+[broker]
+port = 1
+tls_ca_file = "{mats.chain_file}"
+tls_cert_file = "{mon.cert_path}"
+tls_key_file = "{mon.key_path}"
+[keys]
+ca_chain = "{mats.chain_file}"
+certs = ["{certs}"]
+crl = "{mats.crl_file}"
+[ledger]
+enabled = false
+[metrics]
+enabled = false
+""".replace("'", '"'))
+    return mats, conf
+
+
+@pytest.mark.parametrize("case", ["monitor_cert", "two_halls", "other_hall"])
+def test_ops_rollout_refuses_what_cannot_be_right_before_connecting(tmp_path, capsys, case):
+    from hallkiosk.cli import main
+
+    mats, conf = _rollout_conf(tmp_path, ("hall1", "hall2") if case == "two_halls" else ("hall1",))
+    ident = mats["auditor"] if case == "monitor_cert" else mats["ops"]
+    argv = ["ops", "rollout", "--config", str(conf), "--cert", str(ident.cert_path),
+            "--key", str(ident.key_path), "--target", "hallkiosk-0.2.0.tar", "--version", "0.2.0"]
+    if case == "other_hall":
+        argv += ["--hall", "hall9"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    expected = {"monitor_cert": "role 'monitor'; commands need an ops certificate",
+                "two_halls": "watches 2 halls; name one with --hall",
+                "other_hall": "hall 'hall9' is not one ops.toml watches"}[case]
+    assert expected in err, err
