@@ -113,8 +113,11 @@ class NatsNode:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(self.render_conf())
+        # cwd: after a whole-cluster restart NATS 2.9.10 once wrote a consumer's meta.inf and
+        # meta.sum into its working directory; they belong with the node's files, not ours.
         self.proc = subprocess.Popen([find_nats_server(), "-c", str(self.conf_path)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=self.workdir)
         return self
 
     def wait_listening(self, timeout_s: float = 20.0) -> None:

@@ -1,7 +1,8 @@
 """The city tier end to end (short version of `make city`): a real 3-node NATS cluster
 (JetStream + MQTT gateway) on loopback, real hall Mosquittos bridged to it over mTLS,
 kiosks signing real envelopes, the hall ledgers and the city ledger; a node killed, the
-city cut off, one hall's bridge cut while the others run on, a hall broker restarted. Acknowledged tickets lost must be 0 in both tiers,
+city cut off from every hall, a hall broker restarted; and one hall's bridge cut while the
+others run on. Acknowledged tickets lost must be 0 in both tiers,
 and every re-sent ticket must be a duplicate the ledgers removed."""
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def test_bridge_conf_lists_every_node_and_directions():
 @pytest.mark.timeout(400)
 def test_city_faults_lose_no_acknowledged_ticket(tmp_path):
     find_nats_server()
-    with CityRun(tmp_path / "city", halls=3, kiosks_per_hall=2, central_ops=2) as run:
-        fig = run_faults(run, per_kiosk=2, cut_s=3.0)
+    # The city is cut off at every hall's uplink while the cluster runs; `make city` stops the
+    # whole cluster instead (docs/city.md says why the short test does not).
+    with CityRun(tmp_path / "city", halls=3, kiosks_per_hall=2, central_ops=2,
+                 uplink_relays=True) as run:
+        fig = run_faults(run, per_kiosk=2, cut_s=3.0, city_down="cut")
     assert fig["acked"] == fig["tickets_issued"]
     # Central ops (two `hallkiosk ops run` processes on the cluster, the halls split between
     # them) saw every hall once, every kiosk online, and counted what the city ledger holds.
