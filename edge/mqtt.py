@@ -255,6 +255,12 @@ class MqttLink:
     # -- the link thread -----------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
+            # Cleared before connect(), not after: paho may end the attempt inside connect()
+            # (its CONNECT written at once and refused, a TLS 1.3 peer closing on a revoked
+            # certificate), calling on_disconnect there. Cleared after, that end was wiped and
+            # this thread waited for good on a paho loop with no socket: the kiosk never
+            # reconnected (tests/test_broker_security.py, 1 run in 6).
+            self._down.clear()
             try:
                 self._prepare_will()
                 if self.protocol == "5":
@@ -275,7 +281,6 @@ class MqttLink:
             # thread queues the packet and wakes it); with reconnect_on_failure off it ends
             # when the connection does, and this thread, which owns the backoff, connects
             # again. loop_stop() only joins it, or tells it to end when stop() came first.
-            self._down.clear()
             self._client.loop_start()
             while not self._down.wait(1.0) and not self._stop.is_set():
                 pass
