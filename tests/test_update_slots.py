@@ -311,17 +311,29 @@ def test_a_rollback_by_the_guard_is_reported_once_by_the_next_start(kiosk):
     assert again.events == ()
 
 
-class _Done:
-    """A prepare child that has already exited (the repository was unreachable)."""
+class _Exited:
+    """A prepare child that has already exited with ``status``: 0 (the repository was
+    unreachable, the state still "preparing"), 1 (an uncaught exception), -9 (killed)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
 
     def poll(self) -> int:
-        return 0
+        return self.status
+
+
+def _updates_with_children(kiosk, status: int):
+    """KioskUpdates whose prepare children all exit with ``status``, on a manual clock:
+    (updates, argv of each child spawned, the clock's [now_ms])."""
+    spawned, now = [], [1_000_000]
+    up = KioskUpdates(kiosk.cfg(), slot="a",
+                      spawn=lambda argv: spawned.append(argv) or _Exited(status),
+                      wall_ms=lambda: now[0])
+    return up, spawned, now
 
 
 def test_an_unreachable_repository_is_retried_with_backoff(kiosk):
-    spawned, now = [], [1_000_000]
-    up = KioskUpdates(kiosk.cfg(), slot="a", spawn=lambda argv: spawned.append(argv) or _Done(),
-                      wall_ms=lambda: now[0])
+    up, spawned, now = _updates_with_children(kiosk, 0)
     assert up.request({"target": TARGET}, IDLE, "n3")[0] == "done"
     assert len(spawned) == 1
     up.tick(IDLE)                     # the child ended, still "preparing": wait, do not respawn
@@ -339,17 +351,8 @@ def test_an_unreachable_repository_is_retried_with_backoff(kiosk):
     assert len(spawned) == 3
 
 
-class _Crashed:
-    """A prepare child that died of an uncaught exception (Python exits with status 1)."""
-
-    def poll(self) -> int:
-        return 1
-
-
 def test_a_prepare_that_keeps_crashing_fails_the_update_with_an_event(kiosk):
-    spawned, now = [], [1_000_000]
-    up = KioskUpdates(kiosk.cfg(), slot="a", spawn=lambda argv: spawned.append(argv) or _Crashed(),
-                      wall_ms=lambda: now[0])
+    up, spawned, now = _updates_with_children(kiosk, 1)
     assert up.request({"target": TARGET}, IDLE, "n4")[0] == "done"
     events = []
     for _ in range(12):                  # a turn that sees the crash, a turn that respawns
@@ -364,13 +367,7 @@ def test_a_prepare_that_keeps_crashing_fails_the_update_with_an_event(kiosk):
 
 
 def test_a_killed_prepare_is_resumed_not_counted_as_a_crash(kiosk):
-    class _Killed:
-        def poll(self) -> int:
-            return -9                    # SIGKILL (a power cut of the child alone)
-
-    spawned, now = [], [1_000_000]
-    up = KioskUpdates(kiosk.cfg(), slot="a", spawn=lambda argv: spawned.append(argv) or _Killed(),
-                      wall_ms=lambda: now[0])
+    up, spawned, now = _updates_with_children(kiosk, -9)   # SIGKILL: a power cut of the child
     up.request({"target": TARGET}, IDLE, "n5")
     for _ in range(12):
         up.tick(IDLE)
