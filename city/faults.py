@@ -94,13 +94,18 @@ def run_faults(run: CityRun, *, per_kiosk: int = 2, cut_s: float = 5.0,
     wait_until(lambda: (run.figures()["duplicates_removed_hall"] >= before["duplicates_removed_hall"] + n
                         and run.figures()["duplicates_removed_city"] >= before["duplicates_removed_city"] + n),
                timeout_s, "the re-sent tickets counted as duplicates by both ledgers")
-    fig.update(run.figures())
-    issued = [u for k in run.kiosks for u in k.issued]
-    fig["tickets_issued"] = len(issued)
-    fig["tickets_in_city_ledger"] = sum(1 for u in issued if run.city_has([u]))
+    fig.update(ledger_figures(run))
     if run.central:
         fig.update(central_figures(run, 30.0))
     return fig
+
+
+def ledger_figures(run: CityRun) -> dict:
+    """The ledgers' figures (run.figures()) plus every ticket issued and how many of them
+    the city ledger holds."""
+    issued = [u for k in run.kiosks for u in k.issued]
+    return {**run.figures(), "tickets_issued": len(issued),
+            "tickets_in_city_ledger": sum(1 for u in issued if run.city_has([u]))}
 
 
 def run_bridge_cut(run: CityRun, *, cut_s: float = 5.0, timeout_s: float = 90.0) -> dict:
@@ -109,10 +114,7 @@ def run_bridge_cut(run: CityRun, *, cut_s: float = 5.0, timeout_s: float = 90.0)
     uids = run.issue(1)
     run.wait_acked(uids, city=True, timeout_s=timeout_s)
     _, fig = bridge_cut(run, run.halls[-1], cut_s, timeout_s)
-    fig.update(run.figures())
-    issued = [u for k in run.kiosks for u in k.issued]
-    fig["tickets_issued"] = len(issued)
-    fig["tickets_in_city_ledger"] = sum(1 for u in issued if run.city_has([u]))
+    fig.update(ledger_figures(run))
     return fig
 
 
